@@ -1,0 +1,1 @@
+"""holysheep-mesh data plane: an Envoy External Processing server for LLM egress."""

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the data plane.
+
+Labels carry provider and model names and the calling workload, never a credential. Names
+follow Prometheus conventions; token types use OpenTelemetry GenAI's ``gen_ai.token.type``
+values (``input``/``output``). In multi-worker mode prometheus-client's multiprocess mode must
+be configured (PROMETHEUS_MULTIPROC_DIR) before this module is imported.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "holysheep_requests", "LLM requests answered, by the provider that answered and the HTTP status.",
+    ["provider", "model", "status"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "holysheep_upstream_request_duration_seconds",
+    "Time from sending a request to a provider to its response headers.",
+    ["provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TOKENS = Counter(
+    "holysheep_tokens", "Tokens reported in the provider's usage, by token type (input/output).",
+    ["provider", "model", "type"],
+)
+COST = Counter("holysheep_cost_usd", "Cost in US dollars computed from spec.pricing.", ["provider", "model"])
+FAILOVERS = Counter(
+    "holysheep_failovers", "Requests moved from one provider to the next within the same client request.",
+    ["from_provider", "to_provider"],
+)
+CIRCUIT_STATE = Gauge(
+    "holysheep_circuit_state", "Circuit breaker state per provider: 0 closed, 1 open, 2 half-open.",
+    ["provider"], multiprocess_mode="max",
+)
+PROVIDER_HEALTHY = Gauge(
+    "holysheep_provider_healthy", "1 when the provider's last active health check passed.",
+    ["provider"], multiprocess_mode="min",
+)
+CACHE_EVENTS = Counter(
+    "holysheep_cache_events", "Response cache events: hit, miss, store, fallback, error.", ["event"],
+)
+WORKLOAD_REQUESTS = Counter(
+    "holysheep_workload_requests", "Requests per calling workload, when the mesh identifies it.",
+    ["workload_namespace", "workload"],
+)
+WORKLOAD_TOKENS = Counter(
+    "holysheep_workload_tokens", "Tokens per calling workload and model.",
+    ["workload_namespace", "workload", "model", "type"],
+)
+WORKLOAD_COST = Counter(
+    "holysheep_workload_cost_usd", "Cost in US dollars per calling workload and model.",
+    ["workload_namespace", "workload", "model"],
+)
+ERRORS = Counter(
+    "holysheep_client_errors", "Requests answered with an error by the data plane itself, by error type.",
+    ["type"],
+)
+READY = Gauge("holysheep_extproc_ready", "1 when a valid config is loaded and gRPC is serving.",
+              multiprocess_mode="min")
+CONFIG_RELOADS = Counter("holysheep_config_reloads", "Config reload attempts, by result.", ["result"])
