@@ -1,0 +1,1 @@
+"""Control plane: turns HolySheepConfig CRs into Istio objects and a data-plane ConfigMap."""
