@@ -14,23 +14,31 @@ FILTER_NAME = "envoy.filters.http.ext_proc"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 
-# Request headers are skipped: the buffered body carries everything we need (path and host come
-# as attributes), so a request costs one gRPC round trip. Response phases are switched on per
-# request with mode_override only when failover, usage or the cache need them.
-BODY_MODE: dict[str, str] = {
-    "request_header_mode": "SKIP",
+# Envoy 1.40 drops header mutations sent in a body response when the request-headers phase was
+# skipped (and ignores mode_override there), so the headers are sent and answered at once with
+# no work; the buffered body's response carries the routing and credential mutations. Response
+# phases: headers always (failover needs the status), the body switched on per request with
+# mode_override from the response-headers answer.
+PROCESSING_MODE: dict[str, str] = {
+    "request_header_mode": "SEND",
     "request_body_mode": "BUFFERED",
     "request_trailer_mode": "SKIP",
     "response_header_mode": "SEND",
     "response_body_mode": "NONE",
     "response_trailer_mode": "SKIP",
 }
-# Requests without a body (GET /models) never produce a body message, so routes that carry them
-# ask for the request headers instead.
-HEADERS_MODE: dict[str, str] = {**BODY_MODE, "request_header_mode": "SEND", "request_body_mode": "NONE"}
 
-# Attributes the processor reads; Envoy evaluates them and sends them with the first message.
-REQUEST_ATTRIBUTES = ("request.path", "request.host", "request.method", "xds.node")
+# Transitional aliases: one mode now serves bodyless and body requests alike.
+BODY_MODE = PROCESSING_MODE
+HEADERS_MODE = PROCESSING_MODE
+
+# Node metadata Istio sets on every sidecar: the calling workload, for metrics and cache scope.
+# Whole maps arrive as an unusable "CelMap value" string, so each key is asked for by name.
+REQUEST_ATTRIBUTES = (
+    "xds.node.metadata.NAMESPACE",
+    "xds.node.metadata.WORKLOAD_NAME",
+    "xds.node.metadata.NAME",
+)
 
 
 def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool = True) -> dict[str, Any]:
@@ -43,7 +51,7 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
         "message_timeout": format_duration(message_timeout),
         "max_message_timeout": format_duration(max(message_timeout, 1.0)),
         "allow_mode_override": True,
-        "processing_mode": dict(BODY_MODE),
+        "processing_mode": dict(PROCESSING_MODE),
         "request_attributes": list(REQUEST_ATTRIBUTES),
         "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
     }
@@ -53,9 +61,12 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
     return entry
 
 
-def ext_proc_per_route(mode: dict[str, str]) -> dict[str, Any]:
-    """typed_per_filter_config value that enables the filter with a given processing mode."""
-    return {"@type": PER_ROUTE_TYPE, "overrides": {"processing_mode": dict(mode)}}
+def ext_proc_per_route(mode: dict[str, str] | None = None) -> dict[str, Any]:
+    """typed_per_filter_config value that turns the (default-disabled) filter on for a vhost/route.
+
+    The override repeats the whole mode because Envoy replaces, not merges, processing_mode.
+    """
+    return {"@type": PER_ROUTE_TYPE, "overrides": {"processing_mode": dict(mode or PROCESSING_MODE)}}
 
 
 def message_timeout_for(request_timeout: float, max_retries: int) -> float:
