@@ -16,14 +16,8 @@ from controller import naming
 from controller.crd import apply_defaults
 from extproc.durations import format_duration
 from extproc.spec import ConfigError, HolySheepConfig, ProviderSpec
-from protos.filter_config import (
-    BODY_MODE,
-    FILTER_NAME,
-    HEADERS_MODE,
-    ext_proc_filter,
-    ext_proc_per_route,
-    message_timeout_for,
-)
+from controller.filter_modes import ROUTE_KINDS, per_route_config
+from protos.filter_config import FILTER_NAME, ext_proc_filter, message_timeout_for
 
 NETWORKING_V1 = "networking.istio.io/v1"
 NETWORKING_V1ALPHA3 = "networking.istio.io/v1alpha3"
@@ -202,7 +196,7 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
             "patch": {"operation": "INSERT_BEFORE", "value": filter_value},
         })
     for group in groups:
-        for kind, mode in (("body", BODY_MODE), ("default", HEADERS_MODE)):
+        for kind in ROUTE_KINDS:
             patches.append({
                 "applyTo": "HTTP_ROUTE",
                 "match": {
@@ -218,7 +212,7 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
                 },
                 "patch": {
                     "operation": "MERGE",
-                    "value": {"typed_per_filter_config": {FILTER_NAME: ext_proc_per_route(mode)}},
+                    "value": {"typed_per_filter_config": {FILTER_NAME: per_route_config(kind)}},
                 },
             })
     spec: dict[str, Any] = {}
