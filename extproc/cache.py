@@ -1,0 +1,147 @@
+"""Response cache: bounded in-process memory, optionally backed by Redis.
+
+Memory is always written, so when Redis dies the fallback still has answers and no request
+fails; Redis errors switch it off for a short back-off instead of costing a timeout each time.
+Keys are hashes of tenant scope, endpoint and the canonical request body; credentials are
+never part of a key or a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from extproc import metrics
+from extproc.spec import CacheSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    status: int
+    content_type: str
+    body: bytes
+
+    def encode(self) -> bytes:
+        ct = self.content_type.encode()
+        return struct.pack("!HH", self.status, len(ct)) + ct + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> CachedResponse:
+        status, ct_len = struct.unpack_from("!HH", raw)
+        return cls(status, raw[4 : 4 + ct_len].decode(), raw[4 + ct_len :])
+
+
+def cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(f"{tenant}\x00{endpoint}\x00{canonical}".encode()).hexdigest()
+    return f"holysheep:v1:{digest}"
+
+
+class MemoryCache:
+    """LRU bounded by entry count and total bytes, with per-entry expiry."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> CachedResponse | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires < time.monotonic():
+            self._drop(key)
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: CachedResponse, ttl: float) -> None:
+        size = len(value.body)
+        if size > self.max_bytes:
+            return
+        if key in self._data:
+            self._drop(key)
+        self._data[key] = (time.monotonic() + ttl, value)
+        self.bytes += size
+        while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._data)))
+
+    def _drop(self, key: str) -> None:
+        _, value = self._data.pop(key)
+        self.bytes -= len(value.body)
+
+
+class ResponseCache:
+    REDIS_BACKOFF = 2.0
+
+    def __init__(self, spec: CacheSpec) -> None:
+        self.spec = spec
+        # Memory is bounded to maxEntries entries and maxEntries * maxEntryBytes / 8 bytes at most
+        # 256 MiB, since entries are usually far below the per-entry limit.
+        max_bytes = min(256 << 20, max(spec.max_entry_bytes, spec.max_entries * spec.max_entry_bytes // 8))
+        self.memory = MemoryCache(spec.max_entries, max_bytes)
+        self._redis: Any = None
+        self._redis_down_until = 0.0
+        if spec.redis_url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(
+                spec.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25, retry_on_timeout=False
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.spec.mode != "Off"
+
+    def _redis_usable(self) -> bool:
+        return self._redis is not None and time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, op: str, exc: BaseException) -> None:
+        self._redis_down_until = time.monotonic() + self.REDIS_BACKOFF
+        metrics.CACHE_EVENTS.labels("error").inc()
+        log.warning("redis %s failed, using memory cache: %s", op, type(exc).__name__)
+
+    async def get(self, key: str) -> CachedResponse | None:
+        value = self.memory.get(key)
+        if value is None and self._redis_usable():
+            try:
+                raw = await self._redis.get(key)
+            except Exception as exc:
+                self._redis_failed("get", exc)
+                raw = None
+            if raw:
+                value = CachedResponse.decode(raw)
+                self.memory.put(key, value, self.spec.ttl)
+        return value
+
+    async def put(self, key: str, value: CachedResponse) -> None:
+        if len(value.body) > self.spec.max_entry_bytes:
+            return
+        self.memory.put(key, value, self.spec.ttl)
+        metrics.CACHE_EVENTS.labels("store").inc()
+        if self._redis_usable():
+            try:
+                await self._redis.set(key, value.encode(), px=int(self.spec.ttl * 1000))
+            except Exception as exc:
+                self._redis_failed("set", exc)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            try:
+                await asyncio.wait_for(self._redis.aclose(), 1.0)
+            except Exception:
+                pass

@@ -1,0 +1,167 @@
+"""Envoy bootstrap for the local stack, built from the same HolySheepConfig the mesh uses.
+
+It mirrors what Istio gives a sidecar: one virtual host and cluster per provider host, the
+ext_proc filter disabled by default and switched on only on provider routes, and an entry
+virtual host for apps that call the local listener directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.durations import format_duration
+from extproc.spec import HolySheepConfig, ProviderSpec
+from protos.filter_config import ext_proc_filter, ext_proc_per_route, message_timeout_for
+
+EXTPROC_CLUSTER = "holysheep-extproc"
+BUFFER_LIMIT = 16 << 20  # above the processor's own 8 MiB limit, so it answers 413 in OpenAI form
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+NO_ROUTE_BODY = json.dumps({"error": {
+    "message": "No AI provider matches this request; call an OpenAI-compatible endpoint with a JSON body",
+    "type": "invalid_request_error", "param": None, "code": "unknown_endpoint",
+}})
+
+
+@dataclass
+class Passthrough:
+    """A non-AI upstream reachable through the same listener, untouched by ext_proc."""
+
+    domain: str
+    address: str
+    port: int
+
+
+@dataclass
+class BootstrapOptions:
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 9901
+    extproc_addresses: Sequence[tuple[str, int]] = (("127.0.0.1", 9002),)
+    passthrough: Sequence[Passthrough] = field(default_factory=list)
+
+
+def _cluster_name(provider: ProviderSpec) -> str:
+    return f"provider-{provider.name}"
+
+
+def _endpoint(address: str, port: int) -> dict[str, Any]:
+    return {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _provider_cluster(provider: ProviderSpec, connect_timeout: float) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": _cluster_name(provider),
+        "type": "STATIC" if _is_ip(provider.host) else "STRICT_DNS",
+        "connect_timeout": format_duration(min(connect_timeout, 5.0)),
+        "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
+        "load_assignment": {
+            "cluster_name": _cluster_name(provider),
+            "endpoints": [{"lb_endpoints": [_endpoint(provider.host, provider.port)]}],
+        },
+    }
+    if provider.scheme == "https":
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _TLS,
+                "sni": provider.host,
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": CA_BUNDLE}}},
+            },
+        }
+    return cluster
+
+
+def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOptions) -> dict[str, Any]:
+    per_route = {"envoy.filters.http.ext_proc": ext_proc_per_route()}
+    vhosts: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    longest = 1.0
+    for cfg in configs:
+        longest = max(longest, message_timeout_for(max(cfg.timeout_for(p) for p in cfg.providers), cfg.max_retries))
+        for provider in cfg.providers:
+            timeout = cfg.timeout_for(provider)
+            clusters.append(_provider_cluster(provider, timeout))
+            vhosts.append({
+                "name": _cluster_name(provider),
+                "domains": sorted({provider.authority, f"{provider.host}:{provider.port}"}),
+                "typed_per_filter_config": per_route,
+                "routes": [{
+                    "match": {"prefix": "/"},
+                    "route": {"cluster": _cluster_name(provider), "timeout": format_duration(timeout)},
+                }],
+            })
+    for i, extra in enumerate(options.passthrough):
+        name = f"passthrough-{i}"
+        clusters.append({
+            "name": name, "type": "STATIC", "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [_endpoint(extra.address, extra.port)]}]},
+        })
+        vhosts.append({"name": name, "domains": [extra.domain],
+                       "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]})
+    # Apps that call the listener itself: ext_proc picks the provider; without a pick, a 404.
+    vhosts.append({
+        "name": "holysheep-entry",
+        "domains": ["*"],
+        "typed_per_filter_config": per_route,
+        "routes": [{
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": NO_ROUTE_BODY}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        }],
+    })
+    clusters.append({
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [_endpoint(a, p) for a, p in options.extproc_addresses]}],
+        },
+    })
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "egress",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "300s",
+        "route_config": {"name": "egress", "virtual_hosts": vhosts},
+        "http_filters": [
+            ext_proc_filter(EXTPROC_CLUSTER, longest),
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}}},
+        "node": {"id": "holysheep-dev", "cluster": "holysheep-dev"},
+        "static_resources": {
+            "listeners": [{
+                "name": "egress",
+                "address": {"socket_address": {"address": options.listen_address, "port_value": options.listen_port}},
+                "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }

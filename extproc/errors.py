@@ -1,0 +1,100 @@
+"""Every error the data plane returns to an HTTP client, in OpenAI's error format.
+
+Keeping them in one place keeps status codes, types and codes consistent, and makes it easy to
+check that no message can carry a credential: messages are built only from request metadata
+(model names, provider names, sizes), never from headers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+
+class ClientError(Exception):
+    """An error answered to the client; ``body`` is the OpenAI-style JSON."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    @property
+    def body(self) -> bytes:
+        return json.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        ).encode()
+
+
+class InvalidJSON(ClientError):
+    code = "invalid_json"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"The request body is not valid JSON: {detail}")
+
+
+class MissingModel(ClientError):
+    code = "model_required"
+
+    def __init__(self, detail: str = "you must provide a model parameter") -> None:
+        super().__init__(detail, param="model")
+
+
+class UnknownModel(ClientError):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist or no route serves it", param="model")
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"The request body is {size} bytes; the limit is {limit} bytes")
+
+
+class UnsupportedEndpoint(ClientError):
+    status = 404
+    code = "unknown_endpoint"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"Unknown AI endpoint: {path[:200]}")
+
+
+class NoProviderAvailable(ClientError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_provider_available"
+
+    def __init__(self, model: str, tried: Sequence[str], skipped: Sequence[str] = ()) -> None:
+        parts = [f"No provider could answer for model '{model}'."]
+        parts.append(f" Tried: {', '.join(tried)}." if tried else " No provider was tried.")
+        if skipped:
+            parts.append(f" Skipped (circuit open or unhealthy): {', '.join(skipped)}.")
+        super().__init__("".join(parts))
+        self.tried = tuple(tried)
+
+
+class NotConfigured(ClientError):
+    status = 503
+    type = "service_unavailable"
+    code = "not_ready"
+
+    def __init__(self) -> None:
+        super().__init__("The holysheep-mesh data plane has no valid configuration loaded")
+
+
+class InternalError(ClientError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__("The holysheep-mesh data plane failed to process the request")

@@ -1,0 +1,53 @@
+"""Model routing, compiled once per config: exact names, then globs in declaration order."""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from extproc.spec import BackendSpec, HolySheepConfig, RouteSpec
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    config: HolySheepConfig
+    route: RouteSpec
+
+
+class RouteTable:
+    def __init__(self, configs: Sequence[HolySheepConfig]) -> None:
+        self._exact: dict[str, RouteMatch] = {}
+        self._globs: list[tuple[re.Pattern[str], RouteMatch]] = []
+        for cfg in configs:
+            for route in cfg.routes:
+                match = RouteMatch(cfg, route)
+                for pattern in route.models:
+                    if any(c in pattern for c in "*?["):
+                        self._globs.append((re.compile(fnmatch.translate(pattern)), match))
+                    else:
+                        self._exact.setdefault(pattern, match)
+        self._memo: dict[str, RouteMatch | None] = {}
+
+    def match(self, model: str) -> RouteMatch | None:
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        found = self._exact.get(model)
+        if found is None:
+            found = next((m for rx, m in self._globs if rx.match(model)), None)
+        if len(self._memo) < 4096:  # model names come from clients: keep the memo bounded
+            self._memo[model] = found
+        return found
+
+
+def order_backends(backends: Sequence[BackendSpec], rng: random.Random = random._inst) -> list[BackendSpec]:  # type: ignore[attr-defined]
+    """Priority ascending; within one priority a weighted random order (Efraimidis-Spirakis)."""
+    if len(backends) == 1:
+        return list(backends)
+    keyed = [(b.priority, -(rng.random() ** (1.0 / b.weight)), i, b) for i, b in enumerate(backends)]
+    keyed.sort()
+    return [k[3] for k in keyed]

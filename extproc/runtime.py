@@ -1,0 +1,90 @@
+"""The compiled, swappable state a config produces: providers, breakers, routes, caches, prices.
+
+A reload builds a new ``Runtime`` and swaps one reference; requests in flight keep the one they
+started with. Breakers and caches carry over for providers and cache specs that did not change,
+so a reload neither forgets an outage nor empties the fallback cache.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from extproc.breaker import CircuitBreaker
+from extproc.cache import ResponseCache
+from extproc.credentials import CredentialStore
+from extproc.routing import RouteTable
+from extproc.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
+
+
+@dataclass
+class Provider:
+    spec: ProviderSpec
+    config: HolySheepConfig
+    breaker: CircuitBreaker
+    timeout: float
+    remove_headers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Pricing:
+    def __init__(self, specs: Sequence[PricingSpec]) -> None:
+        self._specs = specs
+        self._memo: dict[str, PricingSpec | None] = {}
+
+    def cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
+        if model not in self._memo:
+            exact = next((p for p in self._specs if p.model == model), None)
+            self._memo[model] = exact or next((p for p in self._specs if fnmatch.fnmatchcase(model, p.model)), None)
+        spec = self._memo[model]
+        if spec is None:
+            return 0.0
+        return (input_tokens * spec.input_per_million + output_tokens * spec.output_per_million) / 1e6
+
+
+class Runtime:
+    def __init__(
+        self,
+        configs: Sequence[HolySheepConfig],
+        credentials: CredentialStore,
+        previous: Runtime | None = None,
+    ) -> None:
+        from extproc.auth import headers_to_remove
+
+        self.configs = tuple(configs)
+        self.credentials = credentials
+        self.routes = RouteTable(self.configs)
+        self.providers: dict[str, Provider] = {}
+        self.caches: dict[str, ResponseCache] = {}
+        self.pricing: dict[str, Pricing] = {}
+        self.by_authority: dict[str, Provider] = {}
+        old_caches: dict[CacheSpec, ResponseCache] = {c.spec: c for c in previous.caches.values()} if previous else {}
+        for cfg in self.configs:
+            key = f"{cfg.namespace}/{cfg.name}"
+            self.caches[key] = old_caches.pop(cfg.cache, None) or ResponseCache(cfg.cache)
+            self.pricing[key] = Pricing(cfg.pricing)
+            for spec in cfg.providers:
+                timeout = cfg.timeout_for(spec)
+                old = previous.providers.get(spec.name) if previous else None
+                if old is not None and old.breaker.spec == cfg.circuit_breaker:
+                    breaker = old.breaker
+                    breaker.trial_timeout = timeout
+                else:
+                    breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, trial_timeout=timeout)
+                provider = Provider(spec, cfg, breaker, timeout, headers_to_remove(spec.auth))
+                self.providers[spec.name] = provider
+                self.by_authority.setdefault(spec.authority, provider)
+        self.retired_caches = list(old_caches.values())
+        # Tenant scope is needed before the model (and so the config) is known.
+        self.tenant_header = self.configs[0].cache.tenant_header if self.configs else "x-holysheep-tenant"
+        credentials.track(p.spec.auth for p in self.providers.values())
+
+    def cache_for(self, cfg: HolySheepConfig) -> ResponseCache:
+        return self.caches[f"{cfg.namespace}/{cfg.name}"]
+
+    def pricing_for(self, cfg: HolySheepConfig) -> Pricing:
+        return self.pricing[f"{cfg.namespace}/{cfg.name}"]

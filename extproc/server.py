@@ -1,0 +1,192 @@
+"""The data plane process: gRPC ext_proc + health, HTTP /health /ready /metrics, reload, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+from extproc import metrics
+from extproc.credentials import DEFAULT_SECRETS_DIR, CredentialStore
+from extproc.health import HealthChecker
+from extproc.runtime import Runtime
+from extproc.service import ExternalProcessorService
+from extproc.spec import ConfigError, load_text
+from extproc.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    config_path: str
+    grpc_address: str = "0.0.0.0:9002"
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    secrets_dir: str = DEFAULT_SECRETS_DIR
+    reload_interval: float = 1.0
+    drain_seconds: float = 20.0
+
+
+class DataPlane:
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.credentials = CredentialStore(options.secrets_dir)
+        self.upstream = UpstreamClient()
+        self.health = HealthChecker(self.upstream)
+        self.runtime: Runtime | None = None
+        self.serving = False
+        self.shutting_down = False
+        self._config_digest = b""
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None and self.serving and not self.shutting_down
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Fire-and-forget work off the hot path; kept referenced so it is not collected."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> bool:
+        """Load the config file if it changed. A bad file keeps the last good config."""
+        try:
+            text = await asyncio.to_thread(_read, self.options.config_path)
+        except OSError as exc:
+            if self.runtime is None:
+                log.error("cannot read config %s: %s", self.options.config_path, exc.strerror)
+            return False
+        digest = hashlib.sha256(text.encode()).digest()
+        if digest == self._config_digest:
+            return False
+        self._config_digest = digest
+        try:
+            configs = load_text(text)
+            runtime = Runtime(configs, self.credentials, previous=self.runtime)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("config rejected, keeping the last good one: %s", exc)
+            return False
+        for cache in runtime.retired_caches:
+            self.spawn(cache.close())
+        self.runtime = runtime
+        self.health.start(runtime)
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        log.info("config loaded: %d document(s), providers %s", len(configs), ", ".join(runtime.providers))
+        self._update_ready()
+        return True
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.reload_interval)
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("config reload failed")
+
+    def _update_ready(self) -> None:
+        metrics.READY.set(1 if self.ready else 0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.reload()
+        self.credentials.start()
+        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 << 20)])
+        service = ExternalProcessorService(self)
+        pbg.add_ExternalProcessorServicer_to_server(service, grpc_server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        port = grpc_server.add_insecure_port(self.options.grpc_address)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {self.options.grpc_address}")
+        await grpc_server.start()
+        runner = web.AppRunner(self._admin_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.options.http_host, self.options.http_port, reuse_port=True)
+        await site.start()
+        self.serving = True
+        self._update_ready()
+        status = health_pb2.HealthCheckResponse.SERVING if self.runtime else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set("", status)
+        await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", status)
+        log.info("serving ext_proc on %s (port %d), admin on %s:%d",
+                 self.options.grpc_address, port, self.options.http_host, self.options.http_port)
+        watcher = asyncio.get_running_loop().create_task(self._watch_config())
+        await stop.wait()
+
+        # Drain: stop being ready first, so Kubernetes and Envoy stop sending new streams,
+        # then let the streams in flight finish before the process goes.
+        self.shutting_down = True
+        self._update_ready()
+        await health_servicer.enter_graceful_shutdown()
+        log.info("draining %d stream(s)", service.in_flight)
+        watcher.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(service.idle.wait(), self.options.drain_seconds)
+        await grpc_server.stop(grace=1.0)
+        await runner.cleanup()
+        await self.health.stop()
+        await self.credentials.stop()
+        await self.upstream.close()
+        if self.runtime is not None:
+            for cache in self.runtime.caches.values():
+                await cache.close()
+        log.info("stopped")
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+
+        async def health_handler(_: web.Request) -> web.Response:
+            return web.json_response({"status": "alive"})
+
+        async def ready_handler(_: web.Request) -> web.Response:
+            if self.ready:
+                return web.json_response({"status": "ready"})
+            reason = "shutting down" if self.shutting_down else ("no valid config" if self.runtime is None else "starting")
+            return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+        async def metrics_handler(_: web.Request) -> web.Response:
+            body = await asyncio.to_thread(_render_metrics)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/health", health_handler)
+        app.router.add_get("/ready", ready_handler)
+        app.router.add_get("/metrics", metrics_handler)
+        return app
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _render_metrics() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(DEFAULT_REGISTRY)
+
+
+async def serve(options: ServerOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await DataPlane(options).run(stop)

@@ -1,0 +1,50 @@
+"""Server-sent events: incremental assembly of a streamed answer, for usage and the cache.
+
+The assembler only ever sees bytes after they were passed on to the client, so it is off the
+hot path. Feeding the same bytes in any chunk split yields the same events.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+
+class SSEAssembler:
+    def __init__(self) -> None:
+        self._pending = b""
+        self.events: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        data = (self._pending + chunk).replace(b"\r\n", b"\n")
+        # A lone trailing CR may be the first half of a CRLF split across chunks.
+        if data.endswith(b"\r"):
+            data, self._pending = data[:-1], b"\r"
+        else:
+            self._pending = b""
+        *complete, rest = data.split(b"\n\n")
+        for block in complete:
+            payload = _event_data(block)
+            if payload is not None:
+                self.events.append(payload)
+        self._pending = rest + self._pending
+
+    @property
+    def complete(self) -> bool:
+        """True when nothing is left half-received (a cut stream is not cached)."""
+        return not self._pending.strip()
+
+    def json_events(self) -> Iterator[Any]:
+        for payload in self.events:
+            if payload == b"[DONE]":
+                continue
+            try:
+                yield json.loads(payload)
+            except ValueError:
+                continue
+
+
+def _event_data(block: bytes) -> bytes | None:
+    lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
