@@ -1,0 +1,232 @@
+"""Reconcile one HolySheepConfig key: level-triggered, so it only ever looks at current state.
+
+GET the CR; parse and render it; check the Secrets it names (metadata only); server-side
+apply what is missing or drifted; prune what is labelled for this CR but no longer desired;
+write status. An invalid spec changes nothing but status and an Event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from controller import naming, status
+from controller.kube import EVENTS, GENERATED, HOLYSHEEPCONFIGS, SECRETS, Kube, KubeError, Resource
+from controller.render import RenderOptions, render_config
+from extproc.spec import ConfigError, HolySheepConfig, parse_document
+
+log = logging.getLogger("holysheep.controller")
+
+SECRET_RETRY_SECONDS = 30.0
+
+
+class NotLeader(Exception):
+    """Raised before any write when this replica does not hold the lease."""
+
+
+@dataclass
+class Result:
+    requeue_after: float | None = None
+
+
+def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": cr["apiVersion"],
+        "kind": cr["kind"],
+        "name": cr["metadata"]["name"],
+        "uid": cr["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _drift(desired: dict[str, Any], live: dict[str, Any] | None) -> str | None:
+    """Why `desired` must be applied over `live`, or None when it is already in place."""
+    if live is None:
+        return "missing"
+    fields = [k for k in desired if k not in ("apiVersion", "kind", "metadata") and desired[k] != live.get(k)]
+    meta, live_meta = desired["metadata"], live.get("metadata", {})
+    for k in ("labels", "ownerReferences"):
+        wanted = meta.get(k)
+        have = live_meta.get(k) or ({} if k == "labels" else [])
+        if k == "labels" and wanted and any(have.get(lk) != lv for lk, lv in wanted.items()):
+            fields.append("metadata.labels")
+        if k == "ownerReferences" and wanted and not all(ref in have for ref in wanted):
+            fields.append("metadata.ownerReferences")
+    return f"drift in {', '.join(fields)}" if fields else None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        options: RenderOptions,
+        may_write: Callable[[], bool] = lambda: True,
+        identity: str = "holysheep-mesh",
+    ) -> None:
+        self.kube = kube
+        self.options = options
+        self.may_write = may_write
+        self.identity = identity
+
+    def _guard(self) -> None:
+        if not self.may_write():
+            raise NotLeader
+
+    def reconcile(self, key: str, trigger: str = "event") -> Result:
+        namespace, name = key.split("/", 1)
+        try:
+            cr = self.kube.get(HOLYSHEEPCONFIGS, namespace, name)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            self._cleanup(namespace, name)
+            return Result()
+        if cr["metadata"].get("deletionTimestamp"):
+            return Result()  # owner references let the garbage collector finish the job
+        generation = int(cr["metadata"].get("generation", 0))
+        try:
+            cfg = parse_document(cr)
+            desired = render_config(cfg, self.options)
+        except ConfigError as exc:
+            self._invalid(cr, generation, str(exc))
+            return Result()
+        missing = self._missing_secrets(cfg)
+        self._apply_and_prune(cr, cfg, desired, trigger, generation)
+        self._write_ready(cr, cfg, generation, missing)
+        return Result(requeue_after=SECRET_RETRY_SECONDS if missing else None)
+
+    # Steps ---------------------------------------------------------------------------------
+
+    def _missing_secrets(self, cfg: HolySheepConfig) -> list[str]:
+        missing = []
+        for secret in sorted({p.auth.secret_name for p in cfg.providers if p.auth.secret_name}):
+            try:
+                self.kube.get(SECRETS, cfg.namespace, secret, metadata_only=True)
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+                missing.append(secret)
+        return missing
+
+    def _live(self, res: Resource, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+        listing = self.kube.list(res, namespace, naming.label_selector(name))
+        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
+
+    def _apply_and_prune(
+        self, cr: dict[str, Any], cfg: HolySheepConfig, desired: list[dict[str, Any]], trigger: str, generation: int,
+    ) -> None:
+        owner = owner_reference(cr)
+        for obj in desired:
+            obj["metadata"]["ownerReferences"] = [owner]
+        for res in GENERATED:
+            live = self._live(res, cfg.namespace, cfg.name)
+            wanted = [o for o in desired if o["kind"] == res.kind]
+            for obj in wanted:
+                why = _drift(obj, live.get(obj["metadata"]["name"]))
+                if why is None:
+                    continue
+                self._guard()
+                self.kube.apply(obj, naming.FIELD_MANAGER)
+                log.info("applied", extra={
+                    "config": f"{cfg.namespace}/{cfg.name}", "kind": res.kind, "name": obj["metadata"]["name"],
+                    "reason": why, "trigger": trigger, "generation": generation,
+                })
+            names = {o["metadata"]["name"] for o in wanted}
+            for stale_name, stale in live.items():
+                if stale_name not in names:
+                    self._delete(res, cfg.namespace, stale, f"{cfg.namespace}/{cfg.name}", "no longer desired")
+
+    def _delete(self, res: Resource, namespace: str, obj: dict[str, Any], config: str, why: str) -> None:
+        self._guard()
+        try:
+            self.kube.delete(res, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+        log.info("pruned", extra={"config": config, "kind": res.kind, "name": obj["metadata"]["name"], "reason": why})
+
+    def _cleanup(self, namespace: str, name: str) -> None:
+        # The garbage collector would also do this through the ownerReferences; doing it here
+        # makes deletion prompt and independent of GC (and of foreground/orphan policies).
+        for res in GENERATED:
+            for obj in self._live(res, namespace, name).values():
+                self._delete(res, namespace, obj, f"{namespace}/{name}", "config deleted")
+
+    def _write_status(self, cr: dict[str, Any], new: dict[str, Any]) -> None:
+        old = cr.get("status") or {}
+        new["conditions"] = status.merge_conditions(old.get("conditions"), new["conditions"])
+        if status.same_status(old, new):
+            return
+        self._guard()
+        meta = cr["metadata"]
+        self.kube.patch_status(HOLYSHEEPCONFIGS, meta["namespace"], meta["name"], new)
+
+    def _write_ready(self, cr: dict[str, Any], cfg: HolySheepConfig, generation: int, missing: list[str]) -> None:
+        if missing:
+            ready = status.condition(
+                "Ready", False, "SecretNotFound",
+                f"Secret(s) {', '.join(missing)} not found in namespace {cfg.namespace}; "
+                "the mesh objects are applied and the data plane will pick the Secret up once it exists",
+                generation,
+            )
+        else:
+            ready = status.condition("Ready", True, "Reconciled", f"{len(cfg.providers)} provider(s) configured",
+                                     generation)
+        invalid = status.condition("Invalid", False, "Valid", "spec is valid", generation)
+        self._write_status(cr, {
+            "observedGeneration": generation,
+            "conditions": [ready, invalid],
+            "providerNames": ",".join(p.name for p in cfg.providers),
+            "providers": [
+                {"name": p.name, "host": p.host,
+                 **({"secretName": p.auth.secret_name, "secretFound": p.auth.secret_name not in missing}
+                    if p.auth.secret_name else {})}
+                for p in cfg.providers
+            ],
+        })
+
+    def _invalid(self, cr: dict[str, Any], generation: int, message: str) -> None:
+        old = cr.get("status") or {}
+        before = {c.get("type"): c for c in old.get("conditions", [])}.get("Invalid", {})
+        meta = cr["metadata"]
+        log.warning("invalid spec; generated objects left as they are", extra={
+            "config": f"{meta['namespace']}/{meta['name']}", "generation": generation, "error": message,
+        })
+        new_status = dict(old)
+        new_status["conditions"] = [
+            status.condition("Ready", False, "InvalidSpec", message, generation),
+            status.condition("Invalid", True, "InvalidSpec", message, generation),
+        ]
+        # observedGeneration tells users this generation was seen (and refused).
+        new_status["observedGeneration"] = generation
+        repeated = before.get("status") == "True" and before.get("message") == message and \
+            before.get("observedGeneration") == generation
+        self._write_status(cr, new_status)
+        if not repeated:
+            self._event(cr, "Warning", "InvalidSpec", message)
+
+    def _event(self, cr: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self._guard()
+        meta = cr["metadata"]
+        ts = status.now()
+        self.kube.create(EVENTS, meta["namespace"], {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": cr["apiVersion"], "kind": cr["kind"], "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": naming.FIELD_MANAGER},
+            "reportingComponent": naming.FIELD_MANAGER,
+            "reportingInstance": self.identity,
+            "firstTimestamp": ts,
+            "lastTimestamp": ts,
+            "count": 1,
+        })

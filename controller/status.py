@@ -1,0 +1,38 @@
+"""Status conditions with Kubernetes semantics: lastTransitionTime moves only when status does."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(type_: str, status: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def merge_conditions(old: Sequence[Mapping[str, Any]] | None, new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    previous = {c.get("type"): c for c in old or ()}
+    out = []
+    for c in new:
+        before = previous.get(c["type"])
+        if before and before.get("status") == c["status"] and before.get("lastTransitionTime"):
+            c = {**c, "lastTransitionTime": before["lastTransitionTime"]}
+        else:
+            c = {**c, "lastTransitionTime": now()}
+        out.append(c)
+    return out
+
+
+def same_status(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    return dict(old or {}) == dict(new)
