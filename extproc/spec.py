@@ -327,7 +327,7 @@ def _parse_cache(r: _Reader, value: Any) -> CacheSpec:
             raise r.fail("spec.cache.redisUrl", "must not embed a password; mount it as a Secret instead")
     defaults = CacheSpec()
     return CacheSpec(
-        mode=r.enum(m.get("mode", defaults.mode), "spec.cache.mode", CACHE_MODES),
+        mode=r.enum(_yaml11_off(m.get("mode", defaults.mode)), "spec.cache.mode", CACHE_MODES),
         ttl=r.duration(m["ttl"], "spec.cache.ttl") if "ttl" in m else defaults.ttl,
         redis_url=redis_url,
         max_entry_bytes=r.integer(m.get("maxEntryBytes", defaults.max_entry_bytes), "spec.cache.maxEntryBytes", 1),
@@ -336,6 +336,11 @@ def _parse_cache(r: _Reader, value: Any) -> CacheSpec:
             m.get("tenantHeader", defaults.tenant_header), "spec.cache.tenantHeader", _HEADER_NAME, "a header name"
         ),
     )
+
+
+def _yaml11_off(value: Any) -> Any:
+    """YAML 1.1 (PyYAML, kubectl) reads an unquoted ``Off`` as false; take it to mean "Off"."""
+    return "Off" if value is False else value
 
 
 def _parse_pricing(r: _Reader, value: Any) -> tuple[PricingSpec, ...]:

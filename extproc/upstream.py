@@ -63,7 +63,14 @@ class UpstreamClient:
                 async with self._client().request(
                     method, url, headers=headers, data=body, allow_redirects=False
                 ) as resp:
-                    data = await resp.content.read(MAX_RESPONSE_BYTES)
+                    parts: list[bytes] = []
+                    size = 0
+                    async for chunk in resp.content.iter_any():
+                        parts.append(chunk)
+                        size += len(chunk)
+                        if size > MAX_RESPONSE_BYTES:
+                            return UpstreamResult(502, [], b"", time.monotonic() - start, error="response too large")
+                    data = b"".join(parts)
                     kept = [(k.lower(), v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS]
                     return UpstreamResult(resp.status, kept, data, time.monotonic() - start)
         except TimeoutError:
