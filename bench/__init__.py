@@ -1,0 +1,1 @@
+"""Loopback benchmark of the holysheep-mesh data plane: `python -m bench --help`."""

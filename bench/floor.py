@@ -1,0 +1,88 @@
+"""Target (f), the floor: an ext_proc server that answers every message with an empty
+"continue", in the same language and gRPC stack as ours, asking for the same phases
+(including the STREAMED response body via mode_override), so it costs the gRPC round trips
+and nothing else.
+
+    python -m bench.floor --address 127.0.0.1:PORT [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+
+_MODE = processing_mode_pb2.ProcessingMode
+REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+RESPONSE_HEADERS = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse(), mode_override=_MODE(response_body_mode=_MODE.STREAMED)
+)
+RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+_BY_PHASE = {
+    "request_headers": REQUEST_HEADERS, "request_body": REQUEST_BODY,
+    "response_headers": RESPONSE_HEADERS, "response_body": RESPONSE_BODY,
+    "request_trailers": REQUEST_TRAILERS, "response_trailers": RESPONSE_TRAILERS,
+}
+
+
+class Floor(pbg.ExternalProcessorServicer):
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        while True:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                return
+            await context.write(_BY_PHASE[req.WhichOneof("request")])
+
+
+async def serve(address: str) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    pbg.add_ExternalProcessorServicer_to_server(Floor(), server)
+    if not server.add_insecure_port(address):
+        raise RuntimeError(f"cannot listen on {address}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.floor")
+    p.add_argument("--address", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args()
+    if args.workers > 1 and not os.environ.get("BENCH_FLOOR_WORKER"):
+        env = {**os.environ, "BENCH_FLOOR_WORKER": "1"}
+        procs = [subprocess.Popen([sys.executable, "-m", "bench.floor", "--address", args.address], env=env)
+                 for _ in range(args.workers)]
+
+        def forward(signum: int, _: object) -> None:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        for proc in procs:
+            proc.wait()
+        return 0
+    asyncio.run(serve(args.address))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
