@@ -101,10 +101,10 @@ class Kube:
     ) -> Any:
         if body is not None and content_type is None:
             content_type = "application/json"
-        payload = json.dumps(body) if body is not None else None
+        # The transport serialises dict bodies for JSON and structured-YAML content types.
         resp = self.api.rest_client.request(
             method, self._url(path, query), headers=self._headers(accept, content_type),
-            body=payload, _request_timeout=timeout,
+            body=body, _request_timeout=timeout,
         )
         data = resp.read()
         try:
