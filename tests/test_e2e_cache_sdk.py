@@ -1,0 +1,181 @@
+"""Redis-backed cache, Redis dying mid-traffic, Always mode, the official OpenAI SDK, and drain."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from extproc.mock_provider import MockProvider
+from tests.harness import RedisServer, Stack, running, wait_until
+
+pytestmark = pytest.mark.e2e
+
+TEMPLATE = """\
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {name: cache, namespace: default}
+spec:
+  timeout: 2s
+  maxRetries: 1
+  circuitBreaker: {enabled: false}
+  providers:
+    - {name: one, baseUrl: "{one}", auth: {env: E2E_ONE_KEY}}
+    - {name: two, baseUrl: "{two}", auth: {env: E2E_TWO_KEY}}
+  routes:
+    - {models: ["*"], backends: [{provider: one}, {provider: two, priority: 1}]}
+  cache: {mode: MODE, redisUrl: "REDIS"}
+"""
+KEYS = {"one": "sk-one-cache-7781", "two": "sk-two-cache-7782"}
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+def _stack(redis: RedisServer, mode: str) -> Stack:
+    mocks = {n: MockProvider(n, expect_key=k) for n, k in KEYS.items()}
+    template = TEMPLATE.replace("MODE", mode).replace("REDIS", redis.url)
+    return Stack(template, mocks, env={f"E2E_{n.upper()}_KEY": k for n, k in KEYS.items()})
+
+
+@pytest.fixture(scope="module")
+def stack(redis: RedisServer) -> Iterator[Stack]:
+    with running(_stack(redis, "Fallback")) as s:
+        yield s
+
+
+def _all_down(stack: Stack, mode: str) -> None:
+    for mock in stack.mocks.values():
+        mock.mode = mode
+
+
+def test_fallback_served_from_redis_after_ext_proc_restart(stack: Stack, redis: RedisServer) -> None:
+    ok = stack.chat("m1", content="persisted in redis")
+    assert ok.status_code == 200
+    import redis as redis_client
+
+    r = redis_client.Redis.from_url(redis.url)
+    wait_until(lambda: len(r.keys("holysheep:v1:*")) >= 1, what="redis store")
+    # A restarted ext_proc has an empty memory tier: the answer must come from Redis.
+    stack.extproc.stop()
+    stack.extproc.start()
+    _all_down(stack, "500")
+    try:
+        resp = stack.chat("m1", content="persisted in redis")
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-holysheep-cache"] == "fallback"
+        assert resp.json() == ok.json()
+    finally:
+        _all_down(stack, "ok")
+    stored = b"".join(r.get(k) or b"" for k in r.keys("holysheep:v1:*"))
+    assert all(k.encode() not in stored for k in KEYS.values())
+
+
+def test_redis_killed_mid_traffic_loses_no_request(stack: Stack, redis: RedisServer) -> None:
+    failures: list[str] = []
+    sent = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal sent
+        deadline = time.monotonic() + 6
+        i = 0
+        while not stop.is_set() and time.monotonic() < deadline and i < 2000:
+            resp = stack.chat("m2", content=f"q{i % 20}")
+            sent += 1
+            if resp.status_code != 200:
+                failures.append(f"{resp.status_code} {resp.text[:100]}")
+            i += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    time.sleep(1.0)
+    redis.kill()
+    time.sleep(1.5)
+    # With every provider down and Redis dead, the memory tier still answers what it saw.
+    _all_down(stack, "500")
+    time.sleep(1.0)
+    _all_down(stack, "ok")
+    redis.start()
+    worker.join(15)
+    stop.set()
+    assert sent > 50
+    assert failures == [], failures[:5]
+    assert 'holysheep_cache_events_total{event="error"}' in stack.extproc.metrics()
+
+
+def test_always_mode_serves_hits_before_any_provider(redis: RedisServer) -> None:
+    with running(_stack(redis, "Always")) as s:
+        first = s.chat("m3", content="same question")
+        assert first.status_code == 200 and "x-holysheep-cache" not in first.headers
+        wait_until(lambda: 'holysheep_cache_events_total{event="store"}' in s.extproc.metrics(), what="store")
+        calls = s.mocks["one"].count("/chat/completions")
+        hit = s.chat("m3", content="same question")
+        assert hit.headers["x-holysheep-cache"] == "hit"
+        assert hit.json() == first.json()
+        assert s.mocks["one"].count("/chat/completions") == calls
+        # Tenant scope: another workload's identical question is not served the first one's answer.
+        other = s.chat("m3", content="same question", headers={"x-holysheep-tenant": "team-b"})
+        assert "x-holysheep-cache" not in other.headers
+
+
+def test_openai_sdk_through_dev_envoy(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="app-does-not-hold-the-real-key", max_retries=0)
+    chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "hello from one"
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert "hello from one" in text
+    emb = client.embeddings.create(model="text-embedding-3-small", input="hello")
+    assert len(emb.data[0].embedding) > 0
+    seen = stack.mocks["one"].last_request
+    assert seen is not None and seen.credential == KEYS["one"]
+    assert "app-does-not-hold" not in str(seen.headers)
+    metrics = stack.extproc.metrics()
+    assert 'holysheep_tokens_total{model="gpt-4o-mini",provider="one",type="output"}' in metrics
+
+
+def test_sigterm_drains_streams_in_flight(stack: Stack) -> None:
+    one = stack.mocks["one"]
+    one.mode = "slow-stream"
+    one.chunk_delay_ms = 250
+    result: dict[str, object] = {}
+
+    def stream() -> None:
+        body = {"model": "m4", "messages": [{"role": "user", "content": "drain"}], "stream": True}
+        with httpx.stream("POST", stack.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+            result["status"] = resp.status_code
+            result["body"] = b"".join(resp.iter_raw())
+
+    try:
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.4)
+        proc = stack.extproc.proc
+        assert proc is not None
+        import os
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        wait_until(lambda: httpx.get(stack.extproc.admin + "/ready").status_code == 503, timeout=3,
+                   what="not ready while draining")
+        t.join(20)
+        assert result.get("status") == 200
+        assert bytes(result["body"]).rstrip().endswith(b"data: [DONE]")  # type: ignore[arg-type]
+        assert proc.wait(15) == 0
+    finally:
+        one.mode = "ok"
+        stack.extproc.start()
