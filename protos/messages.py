@@ -1,0 +1,121 @@
+"""Builders for ext_proc ProcessingResponse messages (C-accelerated protobuf, hot path).
+
+Header values always go in ``raw_value``: Envoy 1.40 reads that field and ignores ``value``
+for mutations. Constant responses are built once and reused, since the servicer only
+serialises them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+ProcessingMode = processing_mode_pb2.ProcessingMode
+
+HeaderList = Sequence[tuple[str, bytes]]
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def header_mutation(set_headers: HeaderList = (), remove: Iterable[str] = ()) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v), append_action=_OVERWRITE)
+            for k, v in set_headers
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def common(
+    set_headers: HeaderList = (),
+    remove: Iterable[str] = (),
+    body: bytes | None = None,
+    clear_route_cache: bool = False,
+) -> pb.CommonResponse:
+    resp = pb.CommonResponse(clear_route_cache=clear_route_cache)
+    if set_headers or remove:
+        resp.header_mutation.CopyFrom(header_mutation(set_headers, remove))
+    if body is not None:
+        resp.body_mutation.body = body
+    return resp
+
+
+def request_body_response(
+    set_headers: HeaderList,
+    remove: Iterable[str],
+    body: bytes | None,
+    response_mode: ProcessingMode | None,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common(set_headers, remove, body, clear_route_cache=True))
+    )
+    if response_mode is not None:
+        resp.mode_override.CopyFrom(response_mode)
+    return resp
+
+
+def request_headers_response(
+    set_headers: HeaderList, remove: Iterable[str], response_mode: ProcessingMode | None
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=common(set_headers, remove, clear_route_cache=True))
+    )
+    if response_mode is not None:
+        resp.mode_override.CopyFrom(response_mode)
+    return resp
+
+
+def response_headers_response(
+    set_headers: HeaderList = (), response_mode: ProcessingMode | None = None
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common(set_headers)))
+    if response_mode is not None:
+        resp.mode_override.CopyFrom(response_mode)
+    return resp
+
+
+def immediate_response(status: int, headers: HeaderList, body: bytes, details: str) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=header_mutation(headers),
+            body=body,
+            details=details,
+        )
+    )
+
+
+def response_mode(body_mode: int) -> ProcessingMode:
+    """A mode override that asks for the response body in the given mode."""
+    return ProcessingMode(
+        request_header_mode=ProcessingMode.SKIP,
+        response_header_mode=ProcessingMode.SEND,
+        response_body_mode=body_mode,  # type: ignore[arg-type]
+        request_trailer_mode=ProcessingMode.SKIP,
+        response_trailer_mode=ProcessingMode.SKIP,
+    )
+
+
+STREAMED_RESPONSE = response_mode(ProcessingMode.STREAMED)
+NO_RESPONSE_BODY = response_mode(ProcessingMode.NONE)
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+
+
+def headers_to_dict(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Lower-cased header map; Envoy sends values in raw_value."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        out[h.key.lower()] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
