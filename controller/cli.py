@@ -12,14 +12,27 @@ from extproc.spec import ConfigError, load_text
 
 
 def _add_extproc_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--extproc-service", default=naming.DEFAULT_EXTPROC_SERVICE,
-                   help="ext_proc Service name (default: %(default)s)")
-    p.add_argument("--extproc-namespace", default=naming.DEFAULT_EXTPROC_NAMESPACE,
-                   help="ext_proc Service namespace (default: %(default)s)")
-    p.add_argument("--extproc-port", type=int, default=naming.DEFAULT_EXTPROC_PORT,
-                   help="ext_proc Service gRPC port (default: %(default)s)")
-    p.add_argument("--mesh-root-namespace", default=naming.DEFAULT_ROOT_NAMESPACE,
-                   help="Istio root namespace; CRs there apply mesh-wide (default: %(default)s)")
+    p.add_argument(
+        "--extproc-service",
+        default=naming.DEFAULT_EXTPROC_SERVICE,
+        help="ext_proc Service name (default: %(default)s)",
+    )
+    p.add_argument(
+        "--extproc-namespace",
+        default=naming.DEFAULT_EXTPROC_NAMESPACE,
+        help="ext_proc Service namespace (default: %(default)s)",
+    )
+    p.add_argument(
+        "--extproc-port",
+        type=int,
+        default=naming.DEFAULT_EXTPROC_PORT,
+        help="ext_proc Service gRPC port (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mesh-root-namespace",
+        default=naming.DEFAULT_ROOT_NAMESPACE,
+        help="Istio root namespace; CRs there apply mesh-wide (default: %(default)s)",
+    )
 
 
 def render_options(args: argparse.Namespace) -> RenderOptions:

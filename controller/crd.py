@@ -32,11 +32,18 @@ def _dur(default: str | None = None) -> dict[str, Any]:
     return s
 
 
-def _obj(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+def _obj(
+    properties: dict[str, Any],
+    required: list[str] | None = None,
+    validations: list[dict[str, str]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     s: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": properties}
     if required:
         s["required"] = required
     s.update(extra)
+    if validations:
+        s["x-kubernetes-validations"] = validations
     return s
 
 
@@ -60,14 +67,14 @@ AUTH = _obj(
         "key": _str(hs._SECRET_KEY.pattern),
         "env": _str(hs._ENV_NAME.pattern),
     },
-    **{
-        "x-kubernetes-validations": [
-            _cel("self.type == 'Header' ? has(self.header) : !has(self.header)",
-                 "header is required with type Header and only allowed with it"),
-            _cel("has(self.secretName) == has(self.key)", "secretName and key go together"),
-            _cel("has(self.secretName) || has(self.env)", "needs secretName and key, or env"),
-        ]
-    },
+    validations=[
+        _cel(
+            "self.type == 'Header' ? has(self.header) : !has(self.header)",
+            "header is required with type Header and only allowed with it",
+        ),
+        _cel("has(self.secretName) == has(self.key)", "secretName and key go together"),
+        _cel("has(self.secretName) || has(self.env)", "needs secretName and key, or env"),
+    ],
 )
 
 PROVIDER = _obj(
@@ -99,14 +106,16 @@ ROUTE = _obj(
 )
 
 _cache_defaults = hs.CacheSpec()
-CACHE = _obj({
-    "mode": {"type": "string", "enum": list(hs.CACHE_MODES), "default": _cache_defaults.mode},
-    "ttl": _dur("24h"),
-    "redisUrl": _str(REDIS_URL_PATTERN),
-    "maxEntryBytes": {"type": "integer", "minimum": 1, "default": _cache_defaults.max_entry_bytes},
-    "maxEntries": {"type": "integer", "minimum": 1, "default": _cache_defaults.max_entries},
-    "tenantHeader": _str(hs._HEADER_NAME.pattern, default=_cache_defaults.tenant_header),
-})
+CACHE = _obj(
+    {
+        "mode": {"type": "string", "enum": list(hs.CACHE_MODES), "default": _cache_defaults.mode},
+        "ttl": _dur("24h"),
+        "redisUrl": _str(REDIS_URL_PATTERN),
+        "maxEntryBytes": {"type": "integer", "minimum": 1, "default": _cache_defaults.max_entry_bytes},
+        "maxEntries": {"type": "integer", "minimum": 1, "default": _cache_defaults.max_entries},
+        "tenantHeader": _str(hs._HEADER_NAME.pattern, default=_cache_defaults.tenant_header),
+    }
+)
 
 PRICING = _obj(
     {
@@ -122,15 +131,19 @@ SPEC = _obj(
         "baseUrl": _str(URL_PATTERN),
         "timeout": _dur("30s"),
         "maxRetries": {"type": "integer", "minimum": 0, "maximum": 10, "default": hs.DEFAULT_MAX_RETRIES},
-        "circuitBreaker": _obj({
-            "enabled": {"type": "boolean", "default": True},
-            "failureThreshold": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
-            "resetTimeout": _dur("60s"),
-        }),
-        "healthCheck": _obj({
-            "interval": _dur("10s"),
-            "endpoint": _str("^/", default="/models"),
-        }),
+        "circuitBreaker": _obj(
+            {
+                "enabled": {"type": "boolean", "default": True},
+                "failureThreshold": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
+                "resetTimeout": _dur("60s"),
+            }
+        ),
+        "healthCheck": _obj(
+            {
+                "interval": _dur("10s"),
+                "endpoint": _str("^/", default="/models"),
+            }
+        ),
         "providers": {
             "type": "array",
             "items": PROVIDER,
@@ -141,18 +154,22 @@ SPEC = _obj(
         "routes": {"type": "array", "minItems": 1, "items": ROUTE},
         "cache": CACHE,
         "pricing": {"type": "array", "items": PRICING},
-        "workloadSelector": _obj({
-            "matchLabels": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
-        }),
+        "workloadSelector": _obj(
+            {
+                "matchLabels": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
+            }
+        ),
     },
-    **{
-        "x-kubernetes-validations": [
-            _cel("has(self.baseUrl) || (has(self.providers) && size(self.providers) > 0)",
-                 "needs spec.baseUrl or at least one entry in spec.providers"),
-            _cel("!has(self.baseUrl) || !has(self.providers) || self.providers.all(p, p.name != 'holysheep')",
-                 "the provider name 'holysheep' is taken by spec.baseUrl"),
-        ]
-    },
+    validations=[
+        _cel(
+            "has(self.baseUrl) || (has(self.providers) && size(self.providers) > 0)",
+            "needs spec.baseUrl or at least one entry in spec.providers",
+        ),
+        _cel(
+            "!has(self.baseUrl) || !has(self.providers) || self.providers.all(p, p.name != 'holysheep')",
+            "the provider name 'holysheep' is taken by spec.baseUrl",
+        ),
+    ],
 )
 
 CONDITION = _obj(
@@ -167,25 +184,30 @@ CONDITION = _obj(
     ["type", "status"],
 )
 
-STATUS = _obj({
-    "observedGeneration": {"type": "integer", "minimum": 0},
-    "conditions": {
-        "type": "array",
-        "items": CONDITION,
-        "x-kubernetes-list-type": "map",
-        "x-kubernetes-list-map-keys": ["type"],
-    },
-    "providerNames": {"type": "string"},
-    "providers": {
-        "type": "array",
-        "items": _obj({
-            "name": {"type": "string"},
-            "host": {"type": "string"},
-            "secretName": {"type": "string"},
-            "secretFound": {"type": "boolean"},
-        }, ["name", "host"]),
-    },
-})
+STATUS = _obj(
+    {
+        "observedGeneration": {"type": "integer", "minimum": 0},
+        "conditions": {
+            "type": "array",
+            "items": CONDITION,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+        "providerNames": {"type": "string"},
+        "providers": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "name": {"type": "string"},
+                    "host": {"type": "string"},
+                    "secretName": {"type": "string"},
+                    "secretFound": {"type": "boolean"},
+                },
+                ["name", "host"],
+            ),
+        },
+    }
+)
 
 SCHEMA = _obj(
     {
@@ -214,18 +236,24 @@ def crd() -> dict[str, Any]:
                 "shortNames": ["hsc"],
             },
             "scope": "Namespaced",
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-                    {"name": "Providers", "type": "string", "jsonPath": ".status.providerNames"},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-                "schema": {"openAPIV3Schema": copy.deepcopy(SCHEMA)},
-            }],
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {"name": "Providers", "type": "string", "jsonPath": ".status.providerNames"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": copy.deepcopy(SCHEMA)},
+                }
+            ],
         },
     }
 

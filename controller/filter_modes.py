@@ -19,7 +19,7 @@ ROUTE_KINDS = ("body", "default")
 def per_route_config(kind: str) -> dict[str, Any]:
     per_route: Any = fc.ext_proc_per_route
     if inspect.signature(per_route).parameters:
-        mode = getattr(fc, "BODY_MODE") if kind == "body" else getattr(fc, "HEADERS_MODE")
+        mode = fc.BODY_MODE if kind == "body" else fc.HEADERS_MODE
         result: dict[str, Any] = per_route(mode)
     else:
         result = per_route()

@@ -52,7 +52,9 @@ class Informer:
         for key in sorted(current | gone):
             self.enqueue(key, "list")
         rv = str(listing.get("metadata", {}).get("resourceVersion", ""))
-        log.info("listed", extra={"resource": self.resource.plural, "count": len(current), "resourceVersion": rv})
+        log.info(
+            "listed", extra={"resource": self.resource.plural, "count": len(current), "resourceVersion": rv}
+        )
         return rv
 
     def run(self) -> None:

@@ -74,16 +74,20 @@ class Kube:
         self.user_agent = user_agent
 
     def _url(self, path: str, query: Mapping[str, Any] | None) -> str:
-        q = {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()
-             if v is not None}
+        q = {
+            k: ("true" if v is True else "false" if v is False else v)
+            for k, v in (query or {}).items()
+            if v is not None
+        }
         return self.api.configuration.host.rstrip("/") + path + (f"?{urlencode(q)}" if q else "")
 
     def _headers(self, accept: str, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": self.user_agent}
         if content_type:
             headers["Content-Type"] = content_type
-        token = self.api.configuration.get_api_key_with_prefix("authorization") or \
-            self.api.configuration.get_api_key_with_prefix("BearerToken")
+        token = self.api.configuration.get_api_key_with_prefix(
+            "authorization"
+        ) or self.api.configuration.get_api_key_with_prefix("BearerToken")
         if token:
             headers["Authorization"] = token
         return headers
@@ -103,8 +107,11 @@ class Kube:
             content_type = "application/json"
         # The transport serialises dict bodies for JSON and structured-YAML content types.
         resp = self.api.rest_client.request(
-            method, self._url(path, query), headers=self._headers(accept, content_type),
-            body=body, _request_timeout=timeout,
+            method,
+            self._url(path, query),
+            headers=self._headers(accept, content_type),
+            body=body,
+            _request_timeout=timeout,
         )
         data = resp.read()
         try:
@@ -118,8 +125,9 @@ class Kube:
     # Typed helpers -------------------------------------------------------------------------
 
     def get(self, res: Resource, namespace: str | None, name: str, *, metadata_only: bool = False) -> Any:
-        return self.request("GET", res.path(namespace, name), accept=METADATA_ONLY if metadata_only else
-                            "application/json")
+        return self.request(
+            "GET", res.path(namespace, name), accept=METADATA_ONLY if metadata_only else "application/json"
+        )
 
     def list(self, res: Resource, namespace: str | None = None, label_selector: str | None = None) -> Any:
         return self.request("GET", res.path(namespace), query={"labelSelector": label_selector})
@@ -128,21 +136,28 @@ class Kube:
         res = BY_KIND[obj["kind"]]
         meta = obj["metadata"]
         return self.request(
-            "PATCH", res.path(meta["namespace"], meta["name"]),
+            "PATCH",
+            res.path(meta["namespace"], meta["name"]),
             query={"fieldManager": field_manager, "force": True},
-            body=obj, content_type=APPLY_PATCH,
+            body=obj,
+            content_type=APPLY_PATCH,
         )
 
     def delete(self, res: Resource, namespace: str, name: str, uid: str | None = None) -> None:
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "propagationPolicy": "Background",
+        }
         if uid:
             # Never delete an object that was replaced by someone else since we listed it.
             body["preconditions"] = {"uid": uid}
         self.request("DELETE", res.path(namespace, name), body=body)
 
     def patch_status(self, res: Resource, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
-        return self.request("PATCH", res.path(namespace, name, "status"), body={"status": status},
-                            content_type=MERGE_PATCH)
+        return self.request(
+            "PATCH", res.path(namespace, name, "status"), body={"status": status}, content_type=MERGE_PATCH
+        )
 
     def create(self, res: Resource, namespace: str, obj: Mapping[str, Any]) -> Any:
         return self.request("POST", res.path(namespace), body=obj)
@@ -151,13 +166,23 @@ class Kube:
         return self.request("PUT", res.path(namespace, name), body=obj)
 
     def watch(
-        self, res: Resource, namespace: str | None, resource_version: str, timeout_seconds: int,
+        self,
+        res: Resource,
+        namespace: str | None,
+        resource_version: str,
+        timeout_seconds: int,
     ) -> Iterator[dict[str, Any]]:
         """Yield watch events; returns when the server ends the stream."""
-        query = {"watch": True, "resourceVersion": resource_version, "allowWatchBookmarks": True,
-                 "timeoutSeconds": timeout_seconds}
+        query = {
+            "watch": True,
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": True,
+            "timeoutSeconds": timeout_seconds,
+        }
         resp = self.api.rest_client.request(
-            "GET", self._url(res.path(namespace), query), headers=self._headers("application/json", None),
+            "GET",
+            self._url(res.path(namespace), query),
+            headers=self._headers("application/json", None),
             _request_timeout=(10.0, timeout_seconds + 10.0),
         )
         raw = resp.response

@@ -69,11 +69,16 @@ class LeaderElector:
             if exc.status != 404:
                 raise
             try:
-                self.kube.create(LEASES, self.namespace, {
-                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": self.name, "namespace": self.namespace},
-                    "spec": self._spec(_micro_now(), 0),
-                })
+                self.kube.create(
+                    LEASES,
+                    self.namespace,
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": self._spec(_micro_now(), 0),
+                    },
+                )
             except KubeError as exc2:
                 if exc2.status == 409:
                     return False
@@ -90,7 +95,7 @@ class LeaderElector:
             return False
         mine = holder == self.identity
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
-        acquire = spec.get("acquireTime") if mine and spec.get("acquireTime") else _micro_now()
+        acquire = str(spec["acquireTime"]) if mine and spec.get("acquireTime") else _micro_now()
         lease["spec"] = self._spec(acquire, transitions)
         try:
             self.kube.replace(LEASES, self.namespace, self.name, lease)
@@ -112,7 +117,9 @@ class LeaderElector:
         except Exception as exc:  # best effort: the lease expires anyway
             log.warning("lease release failed", extra={"error": repr(exc)})
 
-    def run(self, stop: threading.Event, on_started: Callable[[], None], on_stopped: Callable[[], None]) -> None:
+    def run(
+        self, stop: threading.Event, on_started: Callable[[], None], on_stopped: Callable[[], None]
+    ) -> None:
         while not stop.is_set():
             try:
                 ok = self.try_acquire_or_renew()
@@ -123,7 +130,10 @@ class LeaderElector:
                 self._renewed_at = self.clock()
                 if not self._leader:
                     self._leader = True
-                    log.info("became leader", extra={"identity": self.identity, "lease": f"{self.namespace}/{self.name}"})
+                    log.info(
+                        "became leader",
+                        extra={"identity": self.identity, "lease": f"{self.namespace}/{self.name}"},
+                    )
                     on_started()
             elif self._leader and not self.is_leader():
                 self._leader = False

@@ -31,7 +31,9 @@ class ManagerConfig:
     namespace: str | None = None
     lease_namespace: str = "holysheep-system"
     lease_name: str = "holysheep-mesh-controller"
-    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    identity: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
     resync_seconds: float = 300.0
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
@@ -45,17 +47,30 @@ class Manager:
         self.kube = kube
         self.config = config
         self.elector = LeaderElector(
-            kube, config.lease_namespace, config.lease_name, config.identity,
-            config.lease_duration, config.renew_deadline, config.retry_period,
+            kube,
+            config.lease_namespace,
+            config.lease_name,
+            config.identity,
+            config.lease_duration,
+            config.renew_deadline,
+            config.retry_period,
         )
-        self.reconciler = Reconciler(kube, options, may_write=self.elector.is_leader, identity=config.identity)
+        self.reconciler = Reconciler(
+            kube, options, may_write=self.elector.is_leader, identity=config.identity
+        )
         self.queue = WorkQueue()
         self.stop = threading.Event()  # set by the owner: shut down
         self._work_stop = threading.Event()  # set when leadership ends
         self._triggers: dict[str, str] = {}
         self._failures: dict[str, int] = {}
-        self.informer = Informer(kube, HOLYSHEEPCONFIGS, config.namespace, self._enqueue, self._work_stop,
-                                 watch_timeout=config.watch_timeout)
+        self.informer = Informer(
+            kube,
+            HOLYSHEEPCONFIGS,
+            config.namespace,
+            self._enqueue,
+            self._work_stop,
+            watch_timeout=config.watch_timeout,
+        )
         self.lost_leadership = False
         self._threads: list[threading.Thread] = []
 
@@ -98,7 +113,7 @@ class Manager:
                 log.info("not the leader; skipping writes", extra={"key": key})
             except Exception as exc:
                 n = self._failures[key] = self._failures.get(key, 0) + 1
-                delay = min(0.25 * 2 ** n, self.config.max_backoff)
+                delay = min(0.25 * 2**n, self.config.max_backoff)
                 log.error("reconcile failed", extra={"key": key, "error": repr(exc), "retry_in": delay})
                 self.queue.add_after(key, delay)
             finally:
@@ -141,7 +156,9 @@ def _load_kube(kubeconfig: str | None, identity: str) -> Kube:
 def run_from_args(args: argparse.Namespace, options: RenderOptions) -> int:
     jsonlog.setup()
     mc = ManagerConfig(
-        namespace=args.namespace, lease_namespace=args.lease_namespace, lease_name=args.lease_name,
+        namespace=args.namespace,
+        lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name,
         resync_seconds=args.resync_seconds,
     )
     if args.identity:

@@ -50,7 +50,7 @@ def _drift(desired: dict[str, Any], live: dict[str, Any] | None) -> str | None:
     meta, live_meta = desired["metadata"], live.get("metadata", {})
     for k in ("labels", "ownerReferences"):
         wanted = meta.get(k)
-        have = live_meta.get(k) or ({} if k == "labels" else [])
+        have: Any = live_meta.get(k) or ({} if k == "labels" else [])
         if k == "labels" and wanted and any(have.get(lk) != lv for lk, lv in wanted.items()):
             fields.append("metadata.labels")
         if k == "ownerReferences" and wanted and not all(ref in have for ref in wanted):
@@ -116,7 +116,12 @@ class Reconciler:
         return {item["metadata"]["name"]: item for item in listing.get("items", [])}
 
     def _apply_and_prune(
-        self, cr: dict[str, Any], cfg: HolySheepConfig, desired: list[dict[str, Any]], trigger: str, generation: int,
+        self,
+        cr: dict[str, Any],
+        cfg: HolySheepConfig,
+        desired: list[dict[str, Any]],
+        trigger: str,
+        generation: int,
     ) -> None:
         owner = owner_reference(cr)
         for obj in desired:
@@ -130,14 +135,23 @@ class Reconciler:
                     continue
                 self._guard()
                 self.kube.apply(obj, naming.FIELD_MANAGER)
-                log.info("applied", extra={
-                    "config": f"{cfg.namespace}/{cfg.name}", "kind": res.kind, "name": obj["metadata"]["name"],
-                    "reason": why, "trigger": trigger, "generation": generation,
-                })
+                log.info(
+                    "applied",
+                    extra={
+                        "config": f"{cfg.namespace}/{cfg.name}",
+                        "kind": res.kind,
+                        "name": obj["metadata"]["name"],
+                        "reason": why,
+                        "trigger": trigger,
+                        "generation": generation,
+                    },
+                )
             names = {o["metadata"]["name"] for o in wanted}
             for stale_name, stale in live.items():
                 if stale_name not in names:
-                    self._delete(res, cfg.namespace, stale, f"{cfg.namespace}/{cfg.name}", "no longer desired")
+                    self._delete(
+                        res, cfg.namespace, stale, f"{cfg.namespace}/{cfg.name}", "no longer desired"
+                    )
 
     def _delete(self, res: Resource, namespace: str, obj: dict[str, Any], config: str, why: str) -> None:
         self._guard()
@@ -146,7 +160,10 @@ class Reconciler:
         except KubeError as exc:
             if exc.status != 404:
                 raise
-        log.info("pruned", extra={"config": config, "kind": res.kind, "name": obj["metadata"]["name"], "reason": why})
+        log.info(
+            "pruned",
+            extra={"config": config, "kind": res.kind, "name": obj["metadata"]["name"], "reason": why},
+        )
 
     def _cleanup(self, namespace: str, name: str) -> None:
         # The garbage collector would also do this through the ownerReferences; doing it here
@@ -164,37 +181,59 @@ class Reconciler:
         meta = cr["metadata"]
         self.kube.patch_status(HOLYSHEEPCONFIGS, meta["namespace"], meta["name"], new)
 
-    def _write_ready(self, cr: dict[str, Any], cfg: HolySheepConfig, generation: int, missing: list[str]) -> None:
+    def _write_ready(
+        self, cr: dict[str, Any], cfg: HolySheepConfig, generation: int, missing: list[str]
+    ) -> None:
         if missing:
             ready = status.condition(
-                "Ready", False, "SecretNotFound",
+                "Ready",
+                False,
+                "SecretNotFound",
                 f"Secret(s) {', '.join(missing)} not found in namespace {cfg.namespace}; "
                 "the mesh objects are applied and the data plane will pick the Secret up once it exists",
                 generation,
             )
         else:
-            ready = status.condition("Ready", True, "Reconciled", f"{len(cfg.providers)} provider(s) configured",
-                                     generation)
+            ready = status.condition(
+                "Ready", True, "Reconciled", f"{len(cfg.providers)} provider(s) configured", generation
+            )
         invalid = status.condition("Invalid", False, "Valid", "spec is valid", generation)
-        self._write_status(cr, {
-            "observedGeneration": generation,
-            "conditions": [ready, invalid],
-            "providerNames": ",".join(p.name for p in cfg.providers),
-            "providers": [
-                {"name": p.name, "host": p.host,
-                 **({"secretName": p.auth.secret_name, "secretFound": p.auth.secret_name not in missing}
-                    if p.auth.secret_name else {})}
-                for p in cfg.providers
-            ],
-        })
+        self._write_status(
+            cr,
+            {
+                "observedGeneration": generation,
+                "conditions": [ready, invalid],
+                "providerNames": ",".join(p.name for p in cfg.providers),
+                "providers": [
+                    {
+                        "name": p.name,
+                        "host": p.host,
+                        **(
+                            {
+                                "secretName": p.auth.secret_name,
+                                "secretFound": p.auth.secret_name not in missing,
+                            }
+                            if p.auth.secret_name
+                            else {}
+                        ),
+                    }
+                    for p in cfg.providers
+                ],
+            },
+        )
 
     def _invalid(self, cr: dict[str, Any], generation: int, message: str) -> None:
         old = cr.get("status") or {}
         before = {c.get("type"): c for c in old.get("conditions", [])}.get("Invalid", {})
         meta = cr["metadata"]
-        log.warning("invalid spec; generated objects left as they are", extra={
-            "config": f"{meta['namespace']}/{meta['name']}", "generation": generation, "error": message,
-        })
+        log.warning(
+            "invalid spec; generated objects left as they are",
+            extra={
+                "config": f"{meta['namespace']}/{meta['name']}",
+                "generation": generation,
+                "error": message,
+            },
+        )
         new_status = dict(old)
         new_status["conditions"] = [
             status.condition("Ready", False, "InvalidSpec", message, generation),
@@ -202,8 +241,11 @@ class Reconciler:
         ]
         # observedGeneration tells users this generation was seen (and refused).
         new_status["observedGeneration"] = generation
-        repeated = before.get("status") == "True" and before.get("message") == message and \
-            before.get("observedGeneration") == generation
+        repeated = (
+            before.get("status") == "True"
+            and before.get("message") == message
+            and before.get("observedGeneration") == generation
+        )
         self._write_status(cr, new_status)
         if not repeated:
             self._event(cr, "Warning", "InvalidSpec", message)
@@ -212,21 +254,29 @@ class Reconciler:
         self._guard()
         meta = cr["metadata"]
         ts = status.now()
-        self.kube.create(EVENTS, meta["namespace"], {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": cr["apiVersion"], "kind": cr["kind"], "name": meta["name"],
-                "namespace": meta["namespace"], "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+        self.kube.create(
+            EVENTS,
+            meta["namespace"],
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": cr["apiVersion"],
+                    "kind": cr["kind"],
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta.get("uid"),
+                    "resourceVersion": meta.get("resourceVersion"),
+                },
+                "type": type_,
+                "reason": reason,
+                "message": message[:1024],
+                "source": {"component": naming.FIELD_MANAGER},
+                "reportingComponent": naming.FIELD_MANAGER,
+                "reportingInstance": self.identity,
+                "firstTimestamp": ts,
+                "lastTimestamp": ts,
+                "count": 1,
             },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": naming.FIELD_MANAGER},
-            "reportingComponent": naming.FIELD_MANAGER,
-            "reportingInstance": self.identity,
-            "firstTimestamp": ts,
-            "lastTimestamp": ts,
-            "count": 1,
-        })
+        )

@@ -14,9 +14,9 @@ import yaml
 
 from controller import naming
 from controller.crd import apply_defaults
+from controller.filter_modes import ROUTE_KINDS, per_route_config
 from extproc.durations import format_duration
 from extproc.spec import ConfigError, HolySheepConfig, ProviderSpec
-from controller.filter_modes import ROUTE_KINDS, per_route_config
 from protos.filter_config import FILTER_NAME, ext_proc_filter, message_timeout_for
 
 NETWORKING_V1 = "networking.istio.io/v1"
@@ -72,7 +72,8 @@ def host_groups(cfg: HolySheepConfig) -> list[HostGroup]:
         for other in providers[1:]:
             if (other.scheme, other.port) != (first.scheme, first.port):
                 raise ConfigError(
-                    f"{cfg.namespace}/{cfg.name}", "spec.providers",
+                    f"{cfg.namespace}/{cfg.name}",
+                    "spec.providers",
                     f"providers {first.name!r} and {other.name!r} share host {host!r} with different "
                     "scheme or port; the mesh routes by host, so they must agree",
                 )
@@ -156,12 +157,14 @@ def virtual_service(cfg: HolySheepConfig, group: HostGroup, opts: RenderOptions)
         route: dict[str, Any] = {"name": naming.route_name(group.route_stem, kind)}
         if match:
             route["match"] = match
-        route.update({
-            "route": [destination],
-            # The route timeout spans every attempt; each attempt gets the provider's timeout.
-            "timeout": format_duration(per_try * (cfg.max_retries + 1)),
-            "retries": _retries(cfg, per_try),
-        })
+        route.update(
+            {
+                "route": [destination],
+                # The route timeout spans every attempt; each attempt gets the provider's timeout.
+                "timeout": format_duration(per_try * (cfg.max_retries + 1)),
+                "retries": _retries(cfg, per_try),
+            }
+        )
         return route
 
     return {
@@ -184,37 +187,41 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
     filter_value = ext_proc_filter(opts.extproc_cluster, message_timeout_for(slowest, cfg.max_retries))
     patches: list[dict[str, Any]] = []
     for port in sorted({g.mesh_port for g in groups}):
-        patches.append({
-            "applyTo": "HTTP_FILTER",
-            "match": {
-                "context": "SIDECAR_OUTBOUND",
-                "listener": {
-                    "portNumber": port,
-                    "filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}},
-                },
-            },
-            "patch": {"operation": "INSERT_BEFORE", "value": filter_value},
-        })
-    for group in groups:
-        for kind in ROUTE_KINDS:
-            patches.append({
-                "applyTo": "HTTP_ROUTE",
+        patches.append(
+            {
+                "applyTo": "HTTP_FILTER",
                 "match": {
                     "context": "SIDECAR_OUTBOUND",
-                    "routeConfiguration": {
-                        "portNumber": group.mesh_port,
-                        "vhost": {
-                            # Istio names outbound virtual hosts "<host>:<port>".
-                            "name": f"{group.host}:{group.mesh_port}",
-                            "route": {"name": naming.route_name(group.route_stem, kind)},
-                        },
+                    "listener": {
+                        "portNumber": port,
+                        "filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}},
                     },
                 },
-                "patch": {
-                    "operation": "MERGE",
-                    "value": {"typed_per_filter_config": {FILTER_NAME: per_route_config(kind)}},
-                },
-            })
+                "patch": {"operation": "INSERT_BEFORE", "value": filter_value},
+            }
+        )
+    for group in groups:
+        for kind in ROUTE_KINDS:
+            patches.append(
+                {
+                    "applyTo": "HTTP_ROUTE",
+                    "match": {
+                        "context": "SIDECAR_OUTBOUND",
+                        "routeConfiguration": {
+                            "portNumber": group.mesh_port,
+                            "vhost": {
+                                # Istio names outbound virtual hosts "<host>:<port>".
+                                "name": f"{group.host}:{group.mesh_port}",
+                                "route": {"name": naming.route_name(group.route_stem, kind)},
+                            },
+                        },
+                    },
+                    "patch": {
+                        "operation": "MERGE",
+                        "value": {"typed_per_filter_config": {FILTER_NAME: per_route_config(kind)}},
+                    },
+                }
+            )
     spec: dict[str, Any] = {}
     if cfg.workload_selector:
         spec["workloadSelector"] = {"labels": dict(sorted(cfg.workload_selector.items()))}

@@ -21,7 +21,9 @@ def condition(type_: str, status: bool, reason: str, message: str, generation: i
     }
 
 
-def merge_conditions(old: Sequence[Mapping[str, Any]] | None, new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_conditions(
+    old: Sequence[Mapping[str, Any]] | None, new: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
     previous = {c.get("type"): c for c in old or ()}
     out = []
     for c in new:

@@ -15,10 +15,10 @@ from kubernetes.client import ApiClient, Configuration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from controller_kapi import Running  # noqa: E402
+from controller_kapi import Running
 
-from controller import reconcile  # noqa: E402
-from controller.kube import (  # noqa: E402
+from controller import reconcile
+from controller.kube import (
     CONFIGMAPS,
     DESTINATIONRULES,
     ENVOYFILTERS,
@@ -32,8 +32,8 @@ from controller.kube import (  # noqa: E402
     Kube,
     KubeError,
 )
-from controller.manager import Manager, ManagerConfig  # noqa: E402
-from controller.render import RenderOptions  # noqa: E402
+from controller.manager import Manager, ManagerConfig
+from controller.render import RenderOptions
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SELECTOR = "app.kubernetes.io/managed-by=holysheep-mesh,holysheep.ai/config="
@@ -78,8 +78,14 @@ def managers(kapi: Running) -> Iterator[Callable[[str], Manager]]:
     started: list[Manager] = []
 
     def start(identity: str) -> Manager:
-        cfg = ManagerConfig(identity=identity, lease_duration=1.5, renew_deadline=1.0, retry_period=0.1,
-                            watch_timeout=2, resync_seconds=60)
+        cfg = ManagerConfig(
+            identity=identity,
+            lease_duration=1.5,
+            renew_deadline=1.0,
+            retry_period=0.1,
+            watch_timeout=2,
+            resync_seconds=60,
+        )
         m = Manager(client(kapi.url, f"holysheep-mesh/{identity}"), RenderOptions(), cfg)
         m.start()
         started.append(m)
@@ -91,8 +97,16 @@ def managers(kapi: Running) -> Iterator[Callable[[str], Manager]]:
 
 
 def secret(kube: Kube, ns: str, name: str) -> None:
-    kube.create(SECRETS, ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
-                              "data": {"api-key": "c2VjcmV0"}})
+    kube.create(
+        SECRETS,
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns},
+            "data": {"api-key": "c2VjcmV0"},
+        },
+    )
 
 
 def cr(kube: Kube, name: str) -> dict[str, Any]:
@@ -111,11 +125,14 @@ def ready(kube: Kube, ns: str, name: str, status: str = "True", generation: int 
         c = condition(obj, "Ready")
         gen_ok = generation is None or (obj.get("status") or {}).get("observedGeneration") == generation
         return obj if c.get("status") == status and gen_ok else None
+
     return wait_for(check, what=f"{ns}/{name} Ready={status}")
 
 
 def managed(kube: Kube, ns: str, name: str) -> dict[str, set[str]]:
-    return {r.kind: {o["metadata"]["name"] for o in kube.list(r, ns, SELECTOR + name)["items"]} for r in GENERATED}
+    return {
+        r.kind: {o["metadata"]["name"] for o in kube.list(r, ns, SELECTOR + name)["items"]} for r in GENERATED
+    }
 
 
 def test_create_applies_owned_objects_and_reports_ready(kapi: Running, user: Kube, managers: Any) -> None:
@@ -134,15 +151,27 @@ def test_create_applies_owned_objects_and_reports_ready(kapi: Running, user: Kub
     }
     for res in GENERATED:
         for o in user.list(res, "holysheep-system", SELECTOR + "production-cluster")["items"]:
-            assert o["metadata"]["ownerReferences"] == [{
-                "apiVersion": "holysheep.ai/v1", "kind": "HolySheepConfig", "name": "production-cluster",
-                "uid": created["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
-            }]
+            assert o["metadata"]["ownerReferences"] == [
+                {
+                    "apiVersion": "holysheep.ai/v1",
+                    "kind": "HolySheepConfig",
+                    "name": "production-cluster",
+                    "uid": created["metadata"]["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
     status = obj["status"]
     assert status["observedGeneration"] == 1
     assert status["providerNames"] == "holysheep"
-    assert status["providers"] == [{"name": "holysheep", "host": "api.holysheep.ai",
-                                    "secretName": "holysheep-credentials", "secretFound": True}]
+    assert status["providers"] == [
+        {
+            "name": "holysheep",
+            "host": "api.holysheep.ai",
+            "secretName": "holysheep-credentials",
+            "secretFound": True,
+        }
+    ]
     for type_, value, reason in (("Ready", "True", "Reconciled"), ("Invalid", "False", "Valid")):
         c = condition(obj, type_)
         assert (c["status"], c["reason"], c["observedGeneration"]) == (value, reason, 1)
@@ -150,13 +179,20 @@ def test_create_applies_owned_objects_and_reports_ready(kapi: Running, user: Kub
 
     api = kapi.api
     assert api is not None
-    applies = [r for r in api.writes("holysheep-mesh/a") if r.method.value == "PATCH" and r.subresource is None]
+    applies = [
+        r for r in api.writes("holysheep-mesh/a") if r.method.value == "PATCH" and r.subresource is None
+    ]
     assert len(applies) == 5
     for r in applies:
         assert r.headers["Content-Type"] == "application/apply-patch+yaml"
         assert r.params["fieldManager"] == "holysheep-mesh" and r.params["force"] == "true"
-    secret_reads = [r for r in list(api._requests) if r.resource and r.resource.plural == "secrets"
-                    and r.headers.get("User-Agent", "").startswith("holysheep-mesh/")]
+    secret_reads = [
+        r
+        for r in list(api._requests)
+        if r.resource
+        and r.resource.plural == "secrets"
+        and r.headers.get("User-Agent", "").startswith("holysheep-mesh/")
+    ]
     assert secret_reads and all("as=PartialObjectMetadata" in r.headers["Accept"] for r in secret_reads)
     assert all(r.name for r in secret_reads)  # GET by name, never a list
 
@@ -178,7 +214,12 @@ def test_spec_edit_updates_and_prunes(user: Kube, managers: Any) -> None:
     ready(user, "apps", "multi", generation=2)
 
     names = managed(user, "apps", "multi")
-    assert names["ServiceEntry"] == names["DestinationRule"] == names["VirtualService"] == {"holysheep-multi-api-openai-com"}
+    assert (
+        names["ServiceEntry"]
+        == names["DestinationRule"]
+        == names["VirtualService"]
+        == {"holysheep-multi-api-openai-com"}
+    )
     vs = user.get(VIRTUALSERVICES, "apps", "holysheep-multi-api-openai-com")
     assert vs["spec"]["http"][0]["retries"]["perTryTimeout"] == "45s"
     ef = user.get(ENVOYFILTERS, "apps", "holysheep-multi")
@@ -188,36 +229,55 @@ def test_spec_edit_updates_and_prunes(user: Kube, managers: Any) -> None:
     assert "anthropic" not in cm["data"]["config.yaml"] and "45s" in cm["data"]["config.yaml"]
 
 
-def test_invalid_spec_sets_condition_emits_event_and_keeps_objects(kapi: Running, user: Kube, managers: Any) -> None:
+def test_invalid_spec_sets_condition_emits_event_and_keeps_objects(
+    kapi: Running, user: Kube, managers: Any
+) -> None:
     secret(user, "holysheep-system", "holysheep-credentials")
     cr(user, "render_seed.yaml")
     managers("a")
     ready(user, "holysheep-system", "production-cluster")
-    before = {r.kind: user.list(r, "holysheep-system", SELECTOR + "production-cluster")["items"] for r in GENERATED}
+    before = {
+        r.kind: user.list(r, "holysheep-system", SELECTOR + "production-cluster")["items"] for r in GENERATED
+    }
     api = kapi.api
     assert api is not None
     writes_before = len(api.writes("holysheep-mesh/a"))
 
-    user.request("PATCH", HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
-                 body={"spec": {"maxRetries": 99}}, content_type="application/merge-patch+json")
+    user.request(
+        "PATCH",
+        HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
+        body={"spec": {"maxRetries": 99}},
+        content_type="application/merge-patch+json",
+    )
     obj = ready(user, "holysheep-system", "production-cluster", status="False", generation=2)
     invalid = condition(obj, "Invalid")
     assert (invalid["status"], invalid["reason"], invalid["observedGeneration"]) == ("True", "InvalidSpec", 2)
     assert "spec.maxRetries" in invalid["message"]
 
-    events = wait_for(lambda: [e for e in user.list(EVENTS, "holysheep-system")["items"]
-                               if e["involvedObject"]["name"] == "production-cluster"], what="event")
+    events = wait_for(
+        lambda: [
+            e
+            for e in user.list(EVENTS, "holysheep-system")["items"]
+            if e["involvedObject"]["name"] == "production-cluster"
+        ],
+        what="event",
+    )
     assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidSpec")]
     assert "spec.maxRetries" in events[0]["message"]
-    after = {r.kind: user.list(r, "holysheep-system", SELECTOR + "production-cluster")["items"] for r in GENERATED}
+    after = {
+        r.kind: user.list(r, "holysheep-system", SELECTOR + "production-cluster")["items"] for r in GENERATED
+    }
     assert after == before  # same objects, same resourceVersions: nothing applied, nothing pruned
     new_writes = api.writes("holysheep-mesh/a")[writes_before:]
     assert {(r.resource.plural if r.resource else "", r.subresource) for r in new_writes} <= {
-        ("holysheepconfigs", "status"), ("events", None)}
+        ("holysheepconfigs", "status"),
+        ("events", None),
+    }
 
 
-def test_missing_secret_reports_secret_not_found_then_recovers(user: Kube, managers: Any,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_secret_reports_secret_not_found_then_recovers(
+    user: Kube, managers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(reconcile, "SECRET_RETRY_SECONDS", 0.3)
     cr(user, "render_seed.yaml")
     managers("a")
@@ -236,7 +296,9 @@ def test_delete_removes_generated_objects(user: Kube, managers: Any) -> None:
     managers("a")
     ready(user, "holysheep-system", "production-cluster")
     user.delete(HOLYSHEEPCONFIGS, "holysheep-system", "production-cluster")
-    wait_for(lambda: not any(managed(user, "holysheep-system", "production-cluster").values()), what="cleanup")
+    wait_for(
+        lambda: not any(managed(user, "holysheep-system", "production-cluster").values()), what="cleanup"
+    )
     for res in (SERVICEENTRIES, DESTINATIONRULES):
         with pytest.raises(KubeError) as exc:
             user.get(res, "holysheep-system", "holysheep-production-cluster-api-holysheep-ai")
@@ -253,12 +315,19 @@ def test_watch_410_gone_lists_again(kapi: Running, user: Kube, managers: Any) ->
     assert api is not None
     api.compact()  # ends the watch; re-watching from the old version now gets 410 Gone
     wait_for(lambda: m.informer.lists == 2, what="relist after 410")
-    watches = [r for r in list(api._requests) if r.params.get("watch") == "true"
-               and r.resource and r.resource.plural == "holysheepconfigs"]
+    watches = [
+        r
+        for r in list(api._requests)
+        if r.params.get("watch") == "true" and r.resource and r.resource.plural == "holysheepconfigs"
+    ]
     assert len(watches) >= 3  # first watch, the 410 one, the one after the relist
     # The new watch delivers events: a spec change is reconciled.
-    user.request("PATCH", HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
-                 body={"spec": {"timeout": "20s"}}, content_type="application/merge-patch+json")
+    user.request(
+        "PATCH",
+        HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
+        body={"spec": {"timeout": "20s"}},
+        content_type="application/merge-patch+json",
+    )
     ready(user, "holysheep-system", "production-cluster", generation=2)
 
 
@@ -280,9 +349,16 @@ def test_only_the_leader_writes_and_a_follower_takes_over(kapi: Running, user: K
 
     first.shutdown(release=False)  # a crash: the lease is left to expire
     stopped_at = len(api.writes("holysheep-mesh/first"))
-    user.request("PATCH", HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
-                 body={"spec": {"timeout": "20s"}}, content_type="application/merge-patch+json")
+    user.request(
+        "PATCH",
+        HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
+        body={"spec": {"timeout": "20s"}},
+        content_type="application/merge-patch+json",
+    )
     ready(user, "holysheep-system", "production-cluster", generation=2)
     assert api.writes("holysheep-mesh/second")
     assert len(api.writes("holysheep-mesh/first")) == stopped_at
-    assert user.get(LEASES, "holysheep-system", "holysheep-mesh-controller")["spec"]["holderIdentity"] == "second"
+    assert (
+        user.get(LEASES, "holysheep-system", "holysheep-mesh-controller")["spec"]["holderIdentity"]
+        == "second"
+    )

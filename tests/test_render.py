@@ -108,7 +108,12 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_istio_objects_validate_against_istio_1_30(example: str) -> None:
     objects = [o for o in rendered(example) if o["apiVersion"].startswith("networking.istio.io/")]
-    assert {o["kind"] for o in objects} == {"ServiceEntry", "DestinationRule", "VirtualService", "EnvoyFilter"}
+    assert {o["kind"] for o in objects} == {
+        "ServiceEntry",
+        "DestinationRule",
+        "VirtualService",
+        "EnvoyFilter",
+    }
     checked_durations = 0
     for obj in objects:
         if obj["kind"] == "EnvoyFilter":
@@ -143,7 +148,12 @@ def test_configmap_never_holds_a_secret_value() -> None:
 
 def test_seed_mapping() -> None:
     objs = {o["kind"]: o for o in rendered("render_seed.yaml")}
-    se, dr, vs, ef = objs["ServiceEntry"], objs["DestinationRule"], objs["VirtualService"], objs["EnvoyFilter"]
+    se, dr, vs, ef = (
+        objs["ServiceEntry"],
+        objs["DestinationRule"],
+        objs["VirtualService"],
+        objs["EnvoyFilter"],
+    )
     assert se["spec"]["hosts"] == ["api.holysheep.ai"]
     assert se["spec"]["ports"] == [
         {"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 443},
@@ -152,16 +162,24 @@ def test_seed_mapping() -> None:
     assert (se["spec"]["location"], se["spec"]["resolution"]) == ("MESH_EXTERNAL", "DNS")
     tp = dr["spec"]["trafficPolicy"]
     assert tp["outlierDetection"] == {
-        "consecutive5xxErrors": 5, "interval": "10s", "baseEjectionTime": "60s", "maxEjectionPercent": 100,
+        "consecutive5xxErrors": 5,
+        "interval": "10s",
+        "baseEjectionTime": "60s",
+        "maxEjectionPercent": 100,
     }
-    assert tp["portLevelSettings"] == [{"port": {"number": 80}, "tls": {"mode": "SIMPLE", "sni": "api.holysheep.ai"}}]
+    assert tp["portLevelSettings"] == [
+        {"port": {"number": 80}, "tls": {"mode": "SIMPLE", "sni": "api.holysheep.ai"}}
+    ]
     route = vs["spec"]["http"][0]
     assert route["retries"]["attempts"] == 3
     assert route["retries"]["perTryTimeout"] == "30s"
     assert {"5xx", "reset", "connect-failure", "retriable-status-codes", "429"} <= set(
         route["retries"]["retryOn"].split(",")
     )
-    assert [r["name"] for r in vs["spec"]["http"]] == ["holysheep-holysheep-body", "holysheep-holysheep-default"]
+    assert [r["name"] for r in vs["spec"]["http"]] == [
+        "holysheep-holysheep-body",
+        "holysheep-holysheep-default",
+    ]
     assert vs["spec"]["http"][0]["match"] == [{"method": {"exact": "POST"}}]
     assert "workloadSelector" not in ef["spec"]
     f = ef["spec"]["configPatches"][0]
@@ -189,12 +207,21 @@ def test_three_providers_selector_and_per_host_objects() -> None:
     assert hosts == ["api.anthropic.com", "api.openai.com", "llm-gw.example.com"]
     gw = next(o for o in objs if o["kind"] == "ServiceEntry" and o["spec"]["hosts"] == ["llm-gw.example.com"])
     assert gw["spec"]["ports"][0]["targetPort"] == 8443
-    anthropic_vs = next(o for o in objs if o["kind"] == "VirtualService" and "anthropic" in o["metadata"]["name"])
+    anthropic_vs = next(
+        o for o in objs if o["kind"] == "VirtualService" and "anthropic" in o["metadata"]["name"]
+    )
     assert anthropic_vs["spec"]["http"][0]["retries"]["perTryTimeout"] == "90s"  # provider timeout wins
-    assert all(o["spec"].get("exportTo", ["."]) == ["."] for o in objs if o["kind"] != "ConfigMap" and o["kind"] != "EnvoyFilter")
+    assert all(
+        o["spec"].get("exportTo", ["."]) == ["."]
+        for o in objs
+        if o["kind"] != "ConfigMap" and o["kind"] != "EnvoyFilter"
+    )
     for o in objs:
         assert o["metadata"]["namespace"] == "apps"
-        assert o["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "holysheep-mesh", "holysheep.ai/config": "multi"}
+        assert o["metadata"]["labels"] == {
+            "app.kubernetes.io/managed-by": "holysheep-mesh",
+            "holysheep.ai/config": "multi",
+        }
 
 
 def test_circuit_breaker_disabled_leaves_out_outlier_detection() -> None:
@@ -205,9 +232,13 @@ def test_circuit_breaker_disabled_leaves_out_outlier_detection() -> None:
 
 
 def test_root_namespace_exports_mesh_wide_and_flags_change_cluster() -> None:
-    opts = RenderOptions(extproc_service="x", extproc_namespace="y", extproc_port=7000, root_namespace="holysheep-system")
+    opts = RenderOptions(
+        extproc_service="x", extproc_namespace="y", extproc_port=7000, root_namespace="holysheep-system"
+    )
     objs = rendered("render_seed.yaml", opts)
-    assert all(o["spec"]["exportTo"] == ["*"] for o in objs if o["kind"] in ("ServiceEntry", "VirtualService"))
+    assert all(
+        o["spec"]["exportTo"] == ["*"] for o in objs if o["kind"] in ("ServiceEntry", "VirtualService")
+    )
     ef = next(o for o in objs if o["kind"] == "EnvoyFilter")
     cfg = ef["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
     assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "outbound|7000||x.y.svc.cluster.local"
@@ -227,7 +258,10 @@ def test_cli_render_reports_invalid_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text((FIXTURES / "render_seed.yaml").read_text().replace("maxRetries: 3", "maxRetries: -1"))
     proc = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "render", "-f", str(bad)], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-m", "controller.cli", "render", "-f", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 1
     assert "spec.maxRetries" in proc.stderr and proc.stdout == ""

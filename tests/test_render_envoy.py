@@ -21,6 +21,10 @@ from extproc.spec import load_file
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENVOY = shutil.which("envoy")
+TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HCM_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
 
 
 def bootstrap(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -30,25 +34,43 @@ def bootstrap(objects: list[dict[str, Any]]) -> dict[str, Any]:
     ext_proc = filters[0]
     cluster_name = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
     per_route = {
-        (p["match"]["routeConfiguration"]["vhost"]["name"], p["match"]["routeConfiguration"]["vhost"]["route"]["name"]):
-            p["patch"]["value"]
-        for p in patches if p["applyTo"] == "HTTP_ROUTE"
+        (
+            p["match"]["routeConfiguration"]["vhost"]["name"],
+            p["match"]["routeConfiguration"]["vhost"]["route"]["name"],
+        ): p["patch"]["value"]
+        for p in patches
+        if p["applyTo"] == "HTTP_ROUTE"
     }
     virtual_hosts = []
-    clusters: list[dict[str, Any]] = [{
-        "name": cluster_name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
+    clusters: list[dict[str, Any]] = [
+        {
+            "name": cluster_name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                },
             },
-        },
-        "load_assignment": {"cluster_name": cluster_name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9002}}}},
-        ]}]},
-    }]
+            "load_assignment": {
+                "cluster_name": cluster_name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": "127.0.0.1", "port_value": 9002}
+                                    }
+                                }
+                            },
+                        ]
+                    }
+                ],
+            },
+        }
+    ]
     for vs in (o for o in objects if o["kind"] == "VirtualService"):
         host = vs["spec"]["hosts"][0]
         upstream = f"outbound|80||{host}"
@@ -62,38 +84,69 @@ def bootstrap(objects: list[dict[str, Any]]) -> dict[str, Any]:
             route.update(per_route.pop((vhost_name, http["name"])))
             routes.append(route)
         virtual_hosts.append({"name": vhost_name, "domains": [host, f"{host}:80"], "routes": routes})
-        clusters.append({
-            "name": upstream,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": upstream, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 443}}}},
-            ]}]},
-            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": host,
-            }},
-        })
+        clusters.append(
+            {
+                "name": upstream,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": upstream,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {"address": "127.0.0.1", "port_value": 443}
+                                        }
+                                    }
+                                },
+                            ]
+                        }
+                    ],
+                },
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": TLS_TYPE,
+                        "sni": host,
+                    },
+                },
+            }
+        )
     assert per_route == {}, f"EnvoyFilter patches routes the VirtualService does not have: {per_route}"
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM_TYPE,
         "stat_prefix": "outbound_0.0.0.0_80",
         "route_config": {"name": "80", "virtual_hosts": virtual_hosts},
         "http_filters": [
             ext_proc,
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
         ],
     }
     return {
         "static_resources": {
-            "listeners": [{
-                "name": "0.0.0.0_80",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15080}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "0.0.0.0_80",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15080}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": clusters,
         },
     }
@@ -107,7 +160,9 @@ def test_envoy_validates_the_rendered_filter(example: str, tmp_path: Path) -> No
     path.write_text(json.dumps(bootstrap(objects)))  # JSON is YAML
     proc = subprocess.run(
         [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout + proc.stderr
@@ -121,5 +176,7 @@ def test_envoy_rejects_a_broken_filter(tmp_path: Path) -> None:
     hcm["http_filters"][0]["typed_config"]["processing_mode"]["request_body_mode"] = "SOMETIMES"
     path = tmp_path / "bootstrap.yaml"
     path.write_text(json.dumps(config))
-    proc = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
