@@ -136,6 +136,13 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
                 "@type": _HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
+        # Replicas that stop (drain, crash) leave the rotation within a second.
+        "health_checks": [{
+            "timeout": "0.5s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "no_traffic_interval": "1s", "grpc_health_check": {},
+        }],
+        "outlier_detection": {"consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
+                              "base_ejection_time": "5s", "max_ejection_percent": 100},
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": [_endpoint(a, p) for a, p in options.extproc_addresses]}],

@@ -12,6 +12,7 @@ from extproc.durations import format_duration
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+PREVIOUS_HOSTS_TYPE = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 
 # Envoy 1.40 drops header mutations sent in a body response when the request-headers phase was
@@ -45,7 +46,22 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
     """The HttpFilter entry. Disabled by default: only provider routes turn it on per route."""
     config: dict[str, Any] = {
         "@type": EXT_PROC_TYPE,
-        "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}, "timeout": "5s"},
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": cluster_name},
+            "timeout": "5s",
+            # A processor replica that just went away must not cost the request: open the
+            # stream on another host instead.
+            "retry_policy": {
+                "num_retries": 2,
+                "retry_on": "connect-failure,refused-stream,unavailable,reset",
+                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+                "retry_host_predicate": [{
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {"@type": PREVIOUS_HOSTS_TYPE},
+                }],
+                "host_selection_retry_max_attempts": 3,
+            },
+        },
         # Fail closed: with no processor there is no credential, so a request must not go out.
         "failure_mode_allow": False,
         "message_timeout": format_duration(message_timeout),

@@ -1,0 +1,67 @@
+"""Multi-worker mode, and what a client sees when every ext_proc is gone (fail closed)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from extproc.mock_provider import MockProvider
+from tests.harness import Stack, running
+
+pytestmark = pytest.mark.e2e
+
+TEMPLATE = """\
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {name: workers, namespace: default}
+spec:
+  timeout: 2s
+  circuitBreaker: {enabled: true, failureThreshold: 2, resetTimeout: 30s}
+  providers:
+    - {name: wa, baseUrl: "{wa}", auth: {env: E2E_WA_KEY}}
+    - {name: wb, baseUrl: "{wb}", auth: {env: E2E_WB_KEY}}
+  routes:
+    - {models: ["*"], backends: [{provider: wa}, {provider: wb, priority: 1}]}
+"""
+KEYS = {"wa": "sk-wa-4431", "wb": "sk-wb-4432"}
+
+
+def _stack(**kwargs: int) -> Stack:
+    return Stack(TEMPLATE, {n: MockProvider(n, expect_key=k) for n, k in KEYS.items()},
+                 env={f"E2E_{n.upper()}_KEY": k for n, k in KEYS.items()}, **kwargs)
+
+
+def test_metrics_from_all_workers_and_per_worker_breakers() -> None:
+    with running(_stack(workers=2)) as s:
+        n = 40
+        for i in range(n):
+            assert s.chat("m", content=f"w{i}").status_code == 200
+        text = s.extproc.metrics()
+        total = float(re.search(r'holysheep_requests_total\{model="m",provider="wa",status="200"\} (\S+)', text)[1])
+        assert total == n  # summed over both workers, whichever served the scrape
+        # Breaker state is per worker by design: each worker opens after failureThreshold of its
+        # own failures, so the primary sees at most workers * threshold requests, then none.
+        s.mocks["wa"].mode = "500"
+        for i in range(20):
+            assert s.chat("m", content=f"f{i}").headers["x-holysheep-provider"] == "wb"
+        failed = s.mocks["wa"].by_status[500]
+        assert 2 <= failed <= 4
+        for i in range(10):
+            s.chat("m", content=f"g{i}")
+        assert s.mocks["wa"].by_status[500] == failed
+
+
+def test_fail_closed_when_every_ext_proc_is_gone() -> None:
+    with running(_stack(extproc_count=2)) as s:
+        assert s.chat("m").status_code == 200
+        s.extprocs[0].stop()
+        for i in range(10):  # one of two processors left: no client failure
+            assert s.chat("m", content=f"one-left-{i}").status_code == 200
+        s.extprocs[1].stop()
+        before = s.mocks["wa"].total + s.mocks["wb"].total
+        time.sleep(0.2)
+        resp = s.chat("m", headers={"authorization": "Bearer app-key"})
+        assert resp.status_code >= 500
+        assert s.mocks["wa"].total + s.mocks["wb"].total == before, "no unauthenticated request may go out"

@@ -1,0 +1,110 @@
+"""Property tests for the parsers the data plane trusts with client and operator input."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.api import parse_body
+from extproc.errors import ClientError
+from extproc.routing import RouteTable
+from extproc.spec import ConfigError, parse_document
+from extproc.sse import SSEAssembler
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_body_parser_never_raises_anything_but_client_errors(body: bytes) -> None:
+    try:
+        parsed = parse_body(body)
+    except ClientError as err:
+        assert 400 <= err.status < 500
+        assert json.loads(err.body)["error"]["message"]
+    else:
+        assert isinstance(parsed.model, str) and parsed.model
+
+
+@FAST
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=5), st.text(min_size=1, max_size=40))
+def test_body_parser_finds_the_model_of_any_object(payload: dict[str, Any], model: str) -> None:
+    payload["model"] = model
+    parsed = parse_body(json.dumps(payload).encode())
+    assert parsed.model == model
+    assert parsed.stream is (payload.get("stream") is True)
+
+
+events = st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+                          max_size=30), min_size=1, max_size=8)
+
+
+@FAST
+@given(events, st.lists(st.integers(min_value=0, max_value=400), max_size=10), st.booleans())
+def test_sse_assembly_is_independent_of_chunk_splits(payloads: list[str], cuts: list[int], crlf: bool) -> None:
+    sep = "\r\n" if crlf else "\n"
+    stream = "".join(f"data: {p}{sep}{sep}" for p in payloads).encode()
+    whole = SSEAssembler()
+    whole.feed(stream)
+    split = SSEAssembler()
+    points = sorted({min(c, len(stream)) for c in cuts})
+    prev = 0
+    for point in [*points, len(stream)]:
+        split.feed(stream[prev:point])
+        prev = point
+    assert split.events == whole.events == [p.encode() for p in payloads]
+    assert split.complete and whole.complete
+
+
+@FAST
+@given(events, st.integers(min_value=1, max_value=20))
+def test_sse_cut_mid_event_is_incomplete(payloads: list[str], cut: int) -> None:
+    stream = "".join(f"data: {p}\n\n" for p in payloads).encode() + b"data: {\"partial"
+    sse = SSEAssembler()
+    sse.feed(stream[: len(stream) - min(cut, 5)])
+    assert not sse.complete
+
+
+def _doc(spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "holysheep.ai/v1", "kind": "HolySheepConfig",
+            "metadata": {"name": "p", "namespace": "ns"}, "spec": spec}
+
+
+@FAST
+@given(st.dictionaries(
+    st.sampled_from(["baseUrl", "timeout", "maxRetries", "circuitBreaker", "healthCheck", "providers",
+                     "routes", "cache", "pricing", "workloadSelector", "bogus"]),
+    json_values, max_size=5))
+def test_config_parser_rejects_with_a_field_path_never_a_trace(spec: dict[str, Any]) -> None:
+    try:
+        parse_document(_doc(spec))
+    except ConfigError as err:
+        assert str(err).startswith("document 0")
+        assert err.path == "" or err.path.startswith(("spec", "metadata", "apiVersion", "kind"))
+
+
+model_names = st.text(alphabet="abcdefgh-.0123456789", min_size=1, max_size=12)
+
+
+@FAST
+@given(st.lists(st.lists(model_names | model_names.map(lambda s: s[:3] + "*"), min_size=1, max_size=3),
+                min_size=1, max_size=5), model_names)
+def test_route_matching_prefers_exact_then_first_glob(route_models: list[list[str]], model: str) -> None:
+    spec = {"baseUrl": "https://api.example.com/v1",
+            "routes": [{"models": ms, "backends": [{"provider": "holysheep"}]} for ms in route_models]}
+    cfg = parse_document(_doc(spec))
+    found = RouteTable([cfg]).match(model)
+    exact = [r for r in cfg.routes if model in r.models]
+    globs = [r for r in cfg.routes if any("*" in p and fnmatch.fnmatchcase(model, p) for p in r.models)]
+    expected = exact[0] if exact else (globs[0] if globs else None)
+    assert (found.route if found else None) == expected
