@@ -28,6 +28,7 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
         self.in_flight += 1
         self.idle.clear()
         proc = RequestProcessor(self.plane.runtime, self.plane.upstream, self.plane.spawn)
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 req = await context.read()
@@ -39,12 +40,11 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                     # A bug must cost one request a clean 500, never the stream or the server.
                     log.exception("ext_proc processing failed")
                     resp = proc._error(InternalError())
-                await context.write(resp)
                 if req.HasField("response_body"):
-                    try:
-                        proc.after_response_body(req)
-                    except Exception:
-                        log.exception("response accounting failed")
+                    # Scheduled before the write is awaited: it runs once the ack is handed to
+                    # gRPC, and still runs if Envoy closes the stream right after the last ack.
+                    loop.call_soon(_account, proc, req)
+                await context.write(resp)
         except asyncio.CancelledError:
             raise
         finally:
@@ -68,3 +68,10 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
         if phase == "request_trailers":
             return m.CONTINUE_REQUEST_TRAILERS
         return m.CONTINUE_RESPONSE_TRAILERS
+
+
+def _account(proc: RequestProcessor, req: m.ProcessingRequest) -> None:
+    try:
+        proc.after_response_body(req)
+    except Exception:
+        log.exception("response accounting failed")
