@@ -304,7 +304,7 @@ def _collapse_top(raw_path: Path, n: int = 25) -> dict[str, Any]:
         c = int(count)
         total += c
         frames = [_frame_name(f) for f in stack.split(";")]
-        frames = [f for f in frames if f and not f.startswith("process ")]
+        frames = [f for f in frames if f and not f.startswith(("process ", "thread ("))]
         if not frames:
             continue
         self_c[frames[-1]] = self_c.get(frames[-1], 0) + c
