@@ -170,6 +170,11 @@ class DataPlane:
 
 
 def _read(path: str) -> str:
+    """A file, or every *.yaml/*.yml in a directory (ConfigMap mounts, several CRs' ConfigMaps
+    projected into one volume), as one multi-document stream."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith((".yaml", ".yml")) and not n.startswith("."))
+        return "\n---\n".join(_read(os.path.join(path, n)) for n in names)
     with open(path, encoding="utf-8") as fh:
         return fh.read()
 

@@ -223,13 +223,14 @@ def test_extproc_wiring_matches_the_data_plane_and_controller() -> None:
     assert f["workers"] == "1"
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    # Config: the controller's ConfigMap for the sample CR, its key at --config, no subPath
-    # (a subPath mount never sees updates).
+    # Config: --config is a directory of projected per-CR ConfigMaps, no subPath (a subPath mount
+    # never sees updates); the sample CR's ConfigMap is one of the sources.
     sample = yaml.safe_load((MESH / "samples" / "production-cluster.yaml").read_text())
-    config_dir, key = f["config"].rsplit("/", 1)
-    assert key == naming.CONFIGMAP_KEY
-    cm_volume = volumes[mounts[config_dir]["name"]]["configMap"]
-    assert cm_volume["name"] == naming.configmap_name(sample["metadata"]["name"])
+    config_dir = f["config"]
+    sources = volumes[mounts[config_dir]["name"]]["projected"]["sources"]
+    cm_volume = next(s["configMap"] for s in sources
+                     if s["configMap"]["name"] == naming.configmap_name(sample["metadata"]["name"]))
+    assert cm_volume["items"] == [{"key": naming.CONFIGMAP_KEY, "path": f"{sample['metadata']['name']}.yaml"}]
     assert sample["metadata"]["namespace"] == d["metadata"]["namespace"]
     assert "subPath" not in mounts[config_dir]
     # Credentials: <secrets-dir>/<secretName>/<key>, read-only.
