@@ -112,7 +112,10 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
         name = f"passthrough-{i}"
         clusters.append({
             "name": name, "type": "STATIC", "connect_timeout": "2s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [_endpoint(extra.address, extra.port)]}]},
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [_endpoint(extra.address, extra.port)]}],
+            },
         })
         vhosts.append({"name": name, "domains": [extra.domain],
                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]})
@@ -167,7 +170,9 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
                 "name": "egress",
                 "address": {"socket_address": {"address": options.listen_address, "port_value": options.listen_port}},
                 "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                "filter_chains": [{"filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm},
+                ]}],
             }],
             "clusters": clusters,
         },

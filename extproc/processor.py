@@ -17,7 +17,16 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from extproc import metrics
-from extproc.api import ApiSchema, Endpoint, ParsedRequest, Usage, bodyless_suffix, classify_path, encode_with_model, parse_body
+from extproc.api import (
+    ApiSchema,
+    Endpoint,
+    ParsedRequest,
+    Usage,
+    bodyless_suffix,
+    classify_path,
+    encode_with_model,
+    parse_body,
+)
 from extproc.attributes import RequestInfo, request_info
 from extproc.auth import auth_headers
 from extproc.cache import CachedResponse, ResponseCache, cache_key
@@ -71,7 +80,7 @@ class RequestProcessor:
         self.tried: list[str] = []
         self.started = 0.0
         self.answered = False
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes] | None = []
         self._size = 0
         self._tail = b""
 
@@ -243,7 +252,8 @@ class RequestProcessor:
     async def _call(self, attempt: Attempt) -> UpstreamResult:
         assert self.endpoint is not None and self.rt is not None
         provider = attempt.provider
-        headers = {"content-type": "application/json", "accept": "text/event-stream" if self._streaming else "application/json"}
+        accept = "text/event-stream" if self._streaming else "application/json"
+        headers = {"content-type": "application/json", "accept": accept}
         credential = self.rt.credentials.get(provider.spec.auth)
         if credential is not None:
             headers.update((k, v.decode()) for k, v in auth_headers(provider.spec.auth, credential))
@@ -259,17 +269,22 @@ class RequestProcessor:
     def after_response_body(self, req: m.ProcessingRequest) -> None:
         """Runs after the chunk was acknowledged, so it never delays the client."""
         chunk = req.response_body.body
-        if self._chunks is not None and chunk:
+        if chunk:
             self._size += len(chunk)
-            if self.config is not None and self._size <= self.config.cache.max_entry_bytes:
+            limit = self.config.cache.max_entry_bytes if self.config is not None else 0
+            if self._chunks is not None and self._size <= limit:
                 self._chunks.append(chunk)
             else:
-                self._tail = (b"".join(self._chunks) + chunk)[-_USAGE_TAIL:] if self._chunks else (self._tail + chunk)[-_USAGE_TAIL:]
-                self._chunks = []
+                # Too large to cache: keep only the tail, where a stream's usage event lives.
+                if self._chunks:
+                    self._tail = b"".join(self._chunks)
+                self._chunks = None
+                self._tail = (self._tail + chunk)[-_USAGE_TAIL:]
         if req.response_body.end_of_stream and self.attempt is not None and self.answered:
-            body = b"".join(self._chunks) if self._chunks else self._tail
-            self._account(body, 200, "text/event-stream" if self._streaming else "application/json",
-                          cacheable=bool(self._chunks) or self._size == 0)
+            cacheable = self._chunks is not None
+            body = b"".join(self._chunks) if self._chunks is not None else self._tail
+            content_type = "text/event-stream" if self._streaming else "application/json"
+            self._account(body, 200, content_type, cacheable=cacheable)
 
     # --- accounting and cache -------------------------------------------------------------
 

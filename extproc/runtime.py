@@ -65,7 +65,7 @@ class Runtime:
         old_caches: dict[CacheSpec, ResponseCache] = {c.spec: c for c in previous.caches.values()} if previous else {}
         for cfg in self.configs:
             key = f"{cfg.namespace}/{cfg.name}"
-            self.caches[key] = old_caches.pop(cfg.cache, None) or ResponseCache(cfg.cache)
+            self.caches[key] = old_caches.pop(cfg.cache) if cfg.cache in old_caches else ResponseCache(cfg.cache)
             self.pricing[key] = Pricing(cfg.pricing)
             for spec in cfg.providers:
                 timeout = cfg.timeout_for(spec)

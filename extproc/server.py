@@ -156,7 +156,10 @@ class DataPlane:
         async def ready_handler(_: web.Request) -> web.Response:
             if self.ready:
                 return web.json_response({"status": "ready"})
-            reason = "shutting down" if self.shutting_down else ("no valid config" if self.runtime is None else "starting")
+            if self.shutting_down:
+                reason = "shutting down"
+            else:
+                reason = "no valid config" if self.runtime is None else "starting"
             return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
         async def metrics_handler(_: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
         self.idle = asyncio.Event()
         self.idle.set()
 
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self.in_flight += 1
         self.idle.clear()
         proc = RequestProcessor(self.plane.runtime, self.plane.upstream, self.plane.spawn)

@@ -181,7 +181,8 @@ class _Reader:
         known = set(allowed)
         for k in value:
             if k not in known:
-                raise self.fail(f"{path}.{k}" if path else str(k), f"unknown field (allowed: {', '.join(sorted(known))})")
+                where = f"{path}.{k}" if path else str(k)
+                raise self.fail(where, f"unknown field (allowed: {', '.join(sorted(known))})")
         return value
 
     def any_mapping(self, value: Any, path: str) -> Mapping[str, Any]:
@@ -419,8 +420,13 @@ def parse_document(doc: Any, index: int = 0) -> HolySheepConfig:
         m = r.mapping(spec["circuitBreaker"], "spec.circuitBreaker", ("enabled", "failureThreshold", "resetTimeout"))
         cb = CircuitBreakerSpec(
             enabled=r.boolean(m.get("enabled", True), "spec.circuitBreaker.enabled"),
-            failure_threshold=r.integer(m.get("failureThreshold", cb.failure_threshold), "spec.circuitBreaker.failureThreshold", 1, 1000),
-            reset_timeout=r.duration(m["resetTimeout"], "spec.circuitBreaker.resetTimeout") if "resetTimeout" in m else cb.reset_timeout,
+            failure_threshold=r.integer(
+                m.get("failureThreshold", cb.failure_threshold), "spec.circuitBreaker.failureThreshold", 1, 1000
+            ),
+            reset_timeout=(
+                r.duration(m["resetTimeout"], "spec.circuitBreaker.resetTimeout") if "resetTimeout" in m
+                else cb.reset_timeout
+            ),
         )
     hc = None
     if "healthCheck" in spec:
@@ -429,7 +435,10 @@ def parse_document(doc: Any, index: int = 0) -> HolySheepConfig:
         if not endpoint.startswith("/"):
             raise r.fail("spec.healthCheck.endpoint", "must start with '/'")
         hc = HealthCheckSpec(
-            interval=r.duration(m["interval"], "spec.healthCheck.interval") if "interval" in m else HealthCheckSpec.interval,
+            interval=(
+                r.duration(m["interval"], "spec.healthCheck.interval") if "interval" in m
+                else HealthCheckSpec.interval
+            ),
             endpoint=endpoint,
         )
 

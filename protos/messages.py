@@ -8,6 +8,7 @@ serialises them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TypeAlias
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -16,7 +17,7 @@ from envoy.type.v3 import http_status_pb2
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
-ProcessingMode = processing_mode_pb2.ProcessingMode
+ProcessingMode: TypeAlias = processing_mode_pb2.ProcessingMode
 
 HeaderList = Sequence[tuple[str, bytes]]
 

@@ -180,7 +180,7 @@ def test_streaming_failover_before_first_byte(stack: Stack) -> None:
 
 
 def test_circuit_opens_sends_nothing_while_open_then_closes(stack: Stack) -> None:
-    brk, brk2 = stack.mocks["brk"], stack.mocks["brk2"]
+    brk = stack.mocks["brk"]
     brk.mode = "500"
     brk.reset()
     try:
