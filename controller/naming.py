@@ -54,9 +54,9 @@ def configmap_name(config_name: str) -> str:
     return _shorten(f"holysheep-extproc-{config_name}", 253)
 
 
-def route_name(provider: str, kind: str) -> str:
+def route_name(provider: str) -> str:
     """Envoy route name: Istio uses the VirtualService http[].name as is when the match is unnamed."""
-    return f"holysheep-{provider}-{kind}"
+    return f"holysheep-{provider}"
 
 
 def extproc_cluster(service: str, namespace: str, port: int) -> str:

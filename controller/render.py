@@ -14,10 +14,9 @@ import yaml
 
 from controller import naming
 from controller.crd import apply_defaults
-from controller.filter_modes import ROUTE_KINDS, per_route_config
 from extproc.durations import format_duration
 from extproc.spec import ConfigError, HolySheepConfig, ProviderSpec
-from protos.filter_config import FILTER_NAME, ext_proc_filter, message_timeout_for
+from protos.filter_config import FILTER_NAME, ext_proc_filter, ext_proc_per_route, message_timeout_for
 
 NETWORKING_V1 = "networking.istio.io/v1"
 NETWORKING_V1ALPHA3 = "networking.istio.io/v1alpha3"
@@ -153,20 +152,14 @@ def virtual_service(cfg: HolySheepConfig, group: HostGroup, opts: RenderOptions)
     per_try = _group_timeout(cfg, group)
     destination = {"destination": {"host": group.host, "port": {"number": group.mesh_port}}}
 
-    def http_route(kind: str, match: list[dict[str, Any]] | None) -> dict[str, Any]:
-        route: dict[str, Any] = {"name": naming.route_name(group.route_stem, kind)}
-        if match:
-            route["match"] = match
-        route.update(
-            {
-                "route": [destination],
-                # The route timeout spans every attempt; each attempt gets the provider's timeout.
-                "timeout": format_duration(per_try * (cfg.max_retries + 1)),
-                "retries": _retries(cfg, per_try),
-            }
-        )
-        return route
-
+    route: dict[str, Any] = {
+        # Named, so the EnvoyFilter can switch the ext_proc filter on for exactly this route.
+        "name": naming.route_name(group.route_stem),
+        "route": [destination],
+        # The route timeout spans every attempt; each attempt gets the provider's timeout.
+        "timeout": format_duration(per_try * (cfg.max_retries + 1)),
+        "retries": _retries(cfg, per_try),
+    }
     return {
         "apiVersion": NETWORKING_V1,
         "kind": "VirtualService",
@@ -174,10 +167,7 @@ def virtual_service(cfg: HolySheepConfig, group: HostGroup, opts: RenderOptions)
         "spec": {
             "hosts": [group.host],
             "exportTo": _export_to(cfg, opts),
-            "http": [
-                http_route("body", [{"method": {"exact": "POST"}}]),
-                http_route("default", None),
-            ],
+            "http": [route],
         },
     }
 
@@ -201,27 +191,26 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
             }
         )
     for group in groups:
-        for kind in ROUTE_KINDS:
-            patches.append(
-                {
-                    "applyTo": "HTTP_ROUTE",
-                    "match": {
-                        "context": "SIDECAR_OUTBOUND",
-                        "routeConfiguration": {
-                            "portNumber": group.mesh_port,
-                            "vhost": {
-                                # Istio names outbound virtual hosts "<host>:<port>".
-                                "name": f"{group.host}:{group.mesh_port}",
-                                "route": {"name": naming.route_name(group.route_stem, kind)},
-                            },
+        patches.append(
+            {
+                "applyTo": "HTTP_ROUTE",
+                "match": {
+                    "context": "SIDECAR_OUTBOUND",
+                    "routeConfiguration": {
+                        "portNumber": group.mesh_port,
+                        "vhost": {
+                            # Istio names outbound virtual hosts "<host>:<port>".
+                            "name": f"{group.host}:{group.mesh_port}",
+                            "route": {"name": naming.route_name(group.route_stem)},
                         },
                     },
-                    "patch": {
-                        "operation": "MERGE",
-                        "value": {"typed_per_filter_config": {FILTER_NAME: per_route_config(kind)}},
-                    },
-                }
-            )
+                },
+                "patch": {
+                    "operation": "MERGE",
+                    "value": {"typed_per_filter_config": {FILTER_NAME: ext_proc_per_route()}},
+                },
+            }
+        )
     spec: dict[str, Any] = {}
     if cfg.workload_selector:
         spec["workloadSelector"] = {"labels": dict(sorted(cfg.workload_selector.items()))}

@@ -29,10 +29,6 @@ PROCESSING_MODE: dict[str, str] = {
     "response_trailer_mode": "SKIP",
 }
 
-# Transitional aliases: one mode now serves bodyless and body requests alike.
-BODY_MODE = PROCESSING_MODE
-HEADERS_MODE = PROCESSING_MODE
-
 # Node metadata Istio sets on every sidecar: the calling workload, for metrics and cache scope.
 # Whole maps arrive as an unusable "CelMap value" string, so each key is asked for by name.
 REQUEST_ATTRIBUTES = (
@@ -77,12 +73,12 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
     return entry
 
 
-def ext_proc_per_route(mode: dict[str, str] | None = None) -> dict[str, Any]:
+def ext_proc_per_route() -> dict[str, Any]:
     """typed_per_filter_config value that turns the (default-disabled) filter on for a vhost/route.
 
     The override repeats the whole mode because Envoy replaces, not merges, processing_mode.
     """
-    return {"@type": PER_ROUTE_TYPE, "overrides": {"processing_mode": dict(mode or PROCESSING_MODE)}}
+    return {"@type": PER_ROUTE_TYPE, "overrides": {"processing_mode": dict(PROCESSING_MODE)}}
 
 
 def message_timeout_for(request_timeout: float, max_retries: int) -> float:

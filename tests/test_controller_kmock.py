@@ -224,7 +224,7 @@ def test_spec_edit_updates_and_prunes(user: Kube, managers: Any) -> None:
     assert vs["spec"]["http"][0]["retries"]["perTryTimeout"] == "45s"
     ef = user.get(ENVOYFILTERS, "apps", "holysheep-multi")
     assert "workloadSelector" not in ef["spec"]
-    assert len(ef["spec"]["configPatches"]) == 3  # filter + two routes of the one host left
+    assert len(ef["spec"]["configPatches"]) == 2  # filter + the route of the one host left
     cm = user.get(CONFIGMAPS, "apps", "holysheep-extproc-multi")
     assert "anthropic" not in cm["data"]["config.yaml"] and "45s" in cm["data"]["config.yaml"]
 

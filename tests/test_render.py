@@ -176,11 +176,8 @@ def test_seed_mapping() -> None:
     assert {"5xx", "reset", "connect-failure", "retriable-status-codes", "429"} <= set(
         route["retries"]["retryOn"].split(",")
     )
-    assert [r["name"] for r in vs["spec"]["http"]] == [
-        "holysheep-holysheep-body",
-        "holysheep-holysheep-default",
-    ]
-    assert vs["spec"]["http"][0]["match"] == [{"method": {"exact": "POST"}}]
+    assert [r["name"] for r in vs["spec"]["http"]] == ["holysheep-holysheep"]
+    assert "match" not in vs["spec"]["http"][0]
     assert "workloadSelector" not in ef["spec"]
     f = ef["spec"]["configPatches"][0]
     assert f["applyTo"] == "HTTP_FILTER" and f["patch"]["operation"] == "INSERT_BEFORE"
@@ -193,10 +190,7 @@ def test_seed_mapping() -> None:
         "outbound|9002||holysheep-extproc.holysheep-system.svc.cluster.local"
     )
     routes = [p["match"]["routeConfiguration"]["vhost"] for p in ef["spec"]["configPatches"][1:]]
-    assert routes == [
-        {"name": "api.holysheep.ai:80", "route": {"name": "holysheep-holysheep-body"}},
-        {"name": "api.holysheep.ai:80", "route": {"name": "holysheep-holysheep-default"}},
-    ]
+    assert routes == [{"name": "api.holysheep.ai:80", "route": {"name": "holysheep-holysheep"}}]
 
 
 def test_three_providers_selector_and_per_host_objects() -> None:
