@@ -48,6 +48,9 @@ class BootstrapOptions:
     admin_port: int = 9901
     extproc_addresses: Sequence[tuple[str, int]] = (("127.0.0.1", 9002),)
     passthrough: Sequence[Passthrough] = field(default_factory=list)
+    # What Istio puts on a sidecar's node (NAMESPACE, WORKLOAD_NAME): lets the local stack act
+    # as a given workload, for per-workload metrics and cache scope.
+    node_metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _cluster_name(provider: ProviderSpec) -> str:
@@ -164,7 +167,7 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
     }
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}}},
-        "node": {"id": "holysheep-dev", "cluster": "holysheep-dev"},
+        "node": {"id": "holysheep-dev", "cluster": "holysheep-dev", "metadata": dict(options.node_metadata)},
         "static_resources": {
             "listeners": [{
                 "name": "egress",

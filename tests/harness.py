@@ -113,7 +113,7 @@ class ExtProc:
 
     def start(self) -> None:
         assert self.log_path is not None
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "extproc.cli", "extproc", "--config", str(self.config_path),
              "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--http-address", f"127.0.0.1:{self.http_port}",
@@ -148,7 +148,7 @@ class Envoy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(self.path), "--disable-hot-restart", "--log-level", "warning",
              "--concurrency", "1"],
@@ -181,7 +181,9 @@ class Stack:
         passthrough: Sequence[tuple[str, int]] = (),
         workers: int = 1,
         extproc_count: int = 1,
+        node_metadata: dict[str, str] | None = None,
     ) -> None:
+        self.node_metadata = node_metadata or {}
         self.template = template
         self.mocks = mocks
         self.workdir = Path(tempfile.mkdtemp(prefix="holysheep-e2e-"))
@@ -241,6 +243,7 @@ class Stack:
             listen_port=self.port, admin_port=admin,
             extproc_addresses=[("127.0.0.1", ep.grpc_port) for ep in self.extprocs],
             passthrough=[Passthrough(d, "127.0.0.1", p) for d, p in self.passthrough],
+            node_metadata=self.node_metadata,
         ))
         self.envoy = Envoy(bootstrap, self.workdir, self.port, admin)
         self.envoy.start()

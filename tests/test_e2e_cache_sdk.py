@@ -129,6 +129,22 @@ def test_always_mode_serves_hits_before_any_provider(redis: RedisServer) -> None
         assert "x-holysheep-cache" not in other.headers
 
 
+def test_mesh_identity_scopes_cache_and_a_client_tenant_header_is_ignored(redis: RedisServer) -> None:
+    stack = _stack(redis, "Always")
+    stack.node_metadata = {"NAMESPACE": "shop", "WORKLOAD_NAME": "checkout"}
+    with running(stack) as s:
+        first = s.chat("m5", content="identity", headers={"x-holysheep-tenant": "team-a"})
+        assert first.status_code == 200 and "x-holysheep-cache" not in first.headers
+        wait_until(lambda: 'holysheep_cache_events_total{event="store"}' in s.extproc.metrics(), what="store")
+        # The sidecar says who is calling; a different claimed tenant changes nothing.
+        again = s.chat("m5", content="identity", headers={"x-holysheep-tenant": "team-b"})
+        assert again.headers.get("x-holysheep-cache") == "hit"
+        metrics = s.extproc.metrics()
+        assert 'holysheep_workload_requests_total{workload="checkout",workload_namespace="shop"} 1.0' in metrics
+        assert 'holysheep_workload_tokens_total{model="m5",type="output",workload="checkout",' \
+               'workload_namespace="shop"}' in metrics
+
+
 def test_openai_sdk_through_dev_envoy(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key="app-does-not-hold-the-real-key", max_retries=0)
     chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
