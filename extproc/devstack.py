@@ -149,7 +149,7 @@ spec:
 """
 
 
-def demo_banner(listen: str) -> str:
+def demo_banner(listen: str, admin_port: int) -> str:
     (p1, c1), (_, c2) = DEMO_PORTS["primary"], DEMO_PORTS["secondary"]
     return textwrap.dedent(f"""\
         Demo providers: primary on 127.0.0.1:{p1}, secondary on 127.0.0.1:{DEMO_PORTS['secondary'][0]}. Try:
@@ -158,7 +158,7 @@ def demo_banner(listen: str) -> str:
           curl -s -XPOST 127.0.0.1:{c1}/_mock/fault -d '{{"mode":"500"}}'   # primary fails: failover
           curl -s -XPOST 127.0.0.1:{c2}/_mock/fault -d '{{"mode":"500"}}'   # both fail: cache fallback
           curl -s -XPOST 127.0.0.1:{c1}/_mock/recover; curl -s -XPOST 127.0.0.1:{c2}/_mock/recover
-          curl -s http://127.0.0.1:8080/metrics | grep ^holysheep_
+          curl -s http://127.0.0.1:{admin_port}/metrics | grep ^holysheep_
         Ctrl-C stops everything.""")
 
 
@@ -179,7 +179,7 @@ async def run_demo(options: DevOptions, stop: asyncio.Event) -> None:
         fh.write(DEMO_CONFIG.format(p1=DEMO_PORTS["primary"][0], p2=DEMO_PORTS["secondary"][0]))
     options.config_path = path
     try:
-        await run_dev(options, stop, demo_banner(f"{options.listen_host}:{options.listen_port}"))
+        await run_dev(options, stop, demo_banner(f"{options.listen_host}:{options.listen_port}", options.admin_port))
     finally:
         for mock in mocks:
             await mock.stop()
