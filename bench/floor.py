@@ -31,14 +31,17 @@ RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 _BY_PHASE = {
-    "request_headers": REQUEST_HEADERS, "request_body": REQUEST_BODY,
-    "response_headers": RESPONSE_HEADERS, "response_body": RESPONSE_BODY,
-    "request_trailers": REQUEST_TRAILERS, "response_trailers": RESPONSE_TRAILERS,
+    "request_headers": REQUEST_HEADERS,
+    "request_body": REQUEST_BODY,
+    "response_headers": RESPONSE_HEADERS,
+    "response_body": RESPONSE_BODY,
+    "request_trailers": REQUEST_TRAILERS,
+    "response_trailers": RESPONSE_TRAILERS,
 }
 
 
 class Floor(pbg.ExternalProcessorServicer):
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         while True:
             req = await context.read()
             if req is grpc.aio.EOF:
@@ -67,8 +70,10 @@ def main() -> int:
     args = p.parse_args()
     if args.workers > 1 and not os.environ.get("BENCH_FLOOR_WORKER"):
         env = {**os.environ, "BENCH_FLOOR_WORKER": "1"}
-        procs = [subprocess.Popen([sys.executable, "-m", "bench.floor", "--address", args.address], env=env)
-                 for _ in range(args.workers)]
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "bench.floor", "--address", args.address], env=env)
+            for _ in range(args.workers)
+        ]
 
         def forward(signum: int, _: object) -> None:
             for proc in procs:

@@ -35,22 +35,40 @@ def have_wrk() -> bool:
 
 def run_wrk(url: str, body: str, host: str, connections: int, duration: int, threads: int = 2) -> dict:
     threads = max(1, min(threads, connections))
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, duration)}s",
-           "--timeout", "10s", "-s", str(LUA), url]
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, duration)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+    ]
     env = {**os.environ, "BENCH_BODY": body, "BENCH_HOST": host}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 30, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
+            return json.loads(line[len("BENCH_JSON ") :])
     raise RuntimeError(f"wrk gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
 def _summary(lat: list[float], n: int, non2xx: int, errors: int, elapsed: float) -> dict:
     lat.sort()
     return {
-        "requests": n, "duration_s": elapsed, "non2xx": non2xx, "errors": errors,
-        "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99),
-        "max_ms": lat[-1] if lat else 0.0, "mean_ms": sum(lat) / len(lat) if lat else 0.0,
+        "requests": n,
+        "duration_s": elapsed,
+        "non2xx": non2xx,
+        "errors": errors,
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": lat[-1] if lat else 0.0,
+        "mean_ms": sum(lat) / len(lat) if lat else 0.0,
     }
 
 
@@ -108,8 +126,8 @@ async def _stream(url: str, body: bytes, host: str, connections: int, duration: 
                 t0 = time.perf_counter()
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
-                        last = None
-                        first = None
+                        last = 0.0
+                        first: float | None = None
                         n = 0
                         async for _chunk in resp.content.iter_any():
                             now = time.perf_counter()
@@ -136,19 +154,45 @@ async def _stream(url: str, body: bytes, host: str, connections: int, duration: 
     out = _summary(lat, counts["n"], counts["non2xx"], counts["errors"], elapsed)
     ttfb.sort()
     gaps.sort()
-    out.update({
-        "ttfb_p50_ms": percentile(ttfb, 50), "ttfb_p99_ms": percentile(ttfb, 99),
-        "gap_p50_ms": percentile(gaps, 50), "gap_p99_ms": percentile(gaps, 99),
-        "chunks_per_response": sum(chunks_seen) / len(chunks_seen) if chunks_seen else 0.0,
-    })
+    out.update(
+        {
+            "ttfb_p50_ms": percentile(ttfb, 50),
+            "ttfb_p99_ms": percentile(ttfb, 99),
+            "gap_p50_ms": percentile(gaps, 50),
+            "gap_p99_ms": percentile(gaps, 99),
+            "chunks_per_response": sum(chunks_seen) / len(chunks_seen) if chunks_seen else 0.0,
+        }
+    )
     return out
 
 
-def run_aiohttp(url: str, body: str, host: str, connections: int, duration: float, stream: bool = False,
-                max_requests: int = 5_000_000) -> dict:
+def run_aiohttp(
+    url: str,
+    body: str,
+    host: str,
+    connections: int,
+    duration: float,
+    stream: bool = False,
+    max_requests: int = 5_000_000,
+) -> dict:
     """Runs the aiohttp generator in a child process (so it does not share our interpreter)."""
-    cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--body", body, "--host", host,
-           "--connections", str(connections), "--duration", str(duration), "--max-requests", str(max_requests)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        url,
+        "--body",
+        body,
+        "--host",
+        host,
+        "--connections",
+        str(connections),
+        "--duration",
+        str(duration),
+        "--max-requests",
+        str(max_requests),
+    ]
     if stream:
         cmd.append("--stream")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)

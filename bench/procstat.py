@@ -96,3 +96,23 @@ class RssSampler:
     @property
     def peak(self) -> float:
         return max((s for _, s in self.samples), default=0.0)
+
+
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds per thread name (comm), summed over the processes' threads."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as fh:
+                    raw = fh.read()
+            except OSError:
+                continue
+            name = raw[raw.index("(") + 1 : raw.rindex(")")]
+            fields = raw[raw.rindex(")") + 2 :].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
-from bench.procstat import RssSampler, cpu_seconds, hwm_mb, rss_mb, tree
+from bench.procstat import RssSampler, cpu_seconds, hwm_mb, rss_mb, thread_cpu, tree
 from bench.stack import Stack
 
 RESULTS = Path(__file__).with_name("results")
@@ -68,8 +68,11 @@ class Bench:
         return f"http://127.0.0.1:{self.stack.ports[listener]}/v1/chat/completions"
 
     def roots(self) -> dict[str, int]:
-        return {"extproc": self.stack.procs["extproc"].pid, "floor": self.stack.procs["floor"].pid,
-                "envoy": self.stack.procs["front"].pid}
+        return {
+            "extproc": self.stack.procs["extproc"].pid,
+            "floor": self.stack.procs["floor"].pid,
+            "envoy": self.stack.procs["front"].pid,
+        }
 
     def sanity(self) -> dict[str, Any]:
         """One request per target through urllib: status and provider/cache headers (also warms the cache)."""
@@ -81,8 +84,11 @@ class Bench:
                 try:
                     with urllib.request.urlopen(req, timeout=10) as resp:
                         resp.read()
-                        out[name] = {"status": resp.status, "provider": resp.headers.get("x-holysheep-provider"),
-                                     "cache": resp.headers.get("x-holysheep-cache")}
+                        out[name] = {
+                            "status": resp.status,
+                            "provider": resp.headers.get("x-holysheep-provider"),
+                            "cache": resp.headers.get("x-holysheep-cache"),
+                        }
                 except urllib.error.HTTPError as exc:
                     out[name] = {"status": exc.code, "body": exc.read()[:300].decode(errors="replace")}
                 if attempt >= (4 if name == "e_circuit_open" else 1) - 1:
@@ -98,11 +104,12 @@ class Bench:
 
     def cell(self, name: str, conns: int, duration: float) -> dict[str, Any]:
         stream = name in STREAM_TARGETS
+        counted: tuple[str, ...]
         if stream:
-            listener, host, acct = STREAM_TARGETS[name]
+            listener, host, _ = STREAM_TARGETS[name]
             model, counted = "bench-stream", ()
         else:
-            listener, host, model, acct, counted = TARGETS[name]
+            listener, host, model, _, counted = TARGETS[name]
         roots = self.roots()
         trees = {k: tree(pid) for k, pid in roots.items()}
         cpu0 = {k: cpu_seconds(p) for k, p in trees.items()}
@@ -132,8 +139,19 @@ def _median_spread(values: list[float]) -> dict[str, float]:
 
 
 def summarise(cells: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
-    keys = ("rps", "p50_ms", "p99_ms", "extproc_cpu_s_per_1k", "floor_cpu_s_per_1k", "envoy_cpu_s_per_1k",
-            "ttfb_p50_ms", "ttfb_p99_ms", "gap_p50_ms", "gap_p99_ms", "extproc_rss_peak_mb")
+    keys = (
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "extproc_cpu_s_per_1k",
+        "floor_cpu_s_per_1k",
+        "envoy_cpu_s_per_1k",
+        "ttfb_p50_ms",
+        "ttfb_p99_ms",
+        "gap_p50_ms",
+        "gap_p99_ms",
+        "extproc_rss_peak_mb",
+    )
     out: dict[str, dict[str, Any]] = {}
     for name, by_conns in cells.items():
         out[name] = {}
@@ -146,10 +164,10 @@ def summarise(cells: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, di
                 if k.startswith("upstream_"):
                     s[k] = sum(r[k] for r in rounds)
             out[name][str(conns)] = s
-    for name, by_conns in out.items():
+    for name, summary_by_conns in out.items():
         base_name = "d_stream_baseline" if name.startswith("d_") else "a_baseline"
-        for conns, s in by_conns.items():
-            base = out.get(base_name, {}).get(conns)
+        for conns_key, s in summary_by_conns.items():
+            base = out.get(base_name, {}).get(conns_key)
             if not base:
                 continue
             ratios = {}
@@ -166,8 +184,10 @@ def table(summary: dict[str, dict[str, Any]], rounds: int) -> str:
         return f"{stat['median']:.{nd}f}{spread}"
 
     lines = []
-    head = f"{'target':<16} {'conns':>5} {'req/s (median [min-max])':>30} {'x base':>6} {'p50 ms':>22} {'x':>5} " \
-           f"{'p99 ms':>22} {'x':>5} {'cpu s/1k req':>13} {'non2xx':>6}"
+    head = (
+        f"{'target':<16} {'conns':>5} {'req/s (median [min-max])':>30} {'x base':>6} {'p50 ms':>22} {'x':>5} "
+        f"{'p99 ms':>22} {'x':>5} {'cpu s/1k req':>13} {'non2xx':>6}"
+    )
     lines.append(head)
     lines.append("-" * len(head))
     for name, by_conns in summary.items():
@@ -179,20 +199,26 @@ def table(summary: dict[str, dict[str, Any]], rounds: int) -> str:
             cpu = "-" if name == "a_baseline" else f"{s[cpu_key]['median']:.3f}"
             lines.append(
                 f"{name:<16} {conns:>5} {fmt(s['rps'], 0):>30} {r.get('rps', 0):>6.2f} {fmt(s['p50_ms']):>22} "
-                f"{r.get('p50_ms', 0):>5.2f} {fmt(s['p99_ms']):>22} {r.get('p99_ms', 0):>5.2f} {cpu:>13} {s['non2xx']:>6}")
+                f"{r.get('p50_ms', 0):>5.2f} {fmt(s['p99_ms']):>22} {r.get('p99_ms', 0):>5.2f} "
+                f"{cpu:>13} {s['non2xx']:>6}"
+            )
     streams = [(n, c, s) for n, by in summary.items() if n.startswith("d_") for c, s in by.items()]
     if streams:
         lines.append("")
-        head = f"{'stream target':<18} {'conns':>5} {'req/s':>8} {'TTFB p50 ms':>20} {'x':>5} {'TTFB p99 ms':>20} " \
-               f"{'x':>5} {'gap p50 ms':>20} {'x':>5} {'gap p99 ms':>20} {'x':>5}"
+        head = (
+            f"{'stream target':<18} {'conns':>5} {'req/s':>8} {'TTFB p50 ms':>20} {'x':>5} {'TTFB p99 ms':>20} "
+            f"{'x':>5} {'gap p50 ms':>20} {'x':>5} {'gap p99 ms':>20} {'x':>5}"
+        )
         lines.append(head)
         lines.append("-" * len(head))
         for name, conns, s in streams:
             r = s.get("vs_baseline", {})
             lines.append(
-                f"{name:<18} {conns:>5} {s['rps']['median']:>8.1f} {fmt(s['ttfb_p50_ms']):>20} {r.get('ttfb_p50_ms', 0):>5.2f} "
-                f"{fmt(s['ttfb_p99_ms']):>20} {r.get('ttfb_p99_ms', 0):>5.2f} {fmt(s['gap_p50_ms']):>20} "
-                f"{r.get('gap_p50_ms', 0):>5.2f} {fmt(s['gap_p99_ms']):>20} {r.get('gap_p99_ms', 0):>5.2f}")
+                f"{name:<18} {conns:>5} {s['rps']['median']:>8.1f} {fmt(s['ttfb_p50_ms']):>20} "
+                f"{r.get('ttfb_p50_ms', 0):>5.2f} {fmt(s['ttfb_p99_ms']):>20} {r.get('ttfb_p99_ms', 0):>5.2f} "
+                f"{fmt(s['gap_p50_ms']):>20} "
+                f"{r.get('gap_p50_ms', 0):>5.2f} {fmt(s['gap_p99_ms']):>20} {r.get('gap_p99_ms', 0):>5.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -201,16 +227,23 @@ def environment(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     try:
         from extproc.devstack import envoy_binary
 
-        envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True,
-                                       timeout=20).stdout.strip().splitlines()[-1]
+        envoy_version = (
+            subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=20)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
     except Exception:
         pass
     return {
         "load_generator": "wrk" if bench.use_wrk else "aiohttp (bench.loadgen)",
         "stream_load_generator": "aiohttp (bench.loadgen --stream)",
-        "cpus": os.cpu_count(), "workers": args.workers, "python": platform.python_version(),
-        "platform": platform.platform(), "envoy": envoy_version,
-        "front_envoy_concurrency": 2, "upstream_envoy_concurrency": 1,
+        "cpus": os.cpu_count(),
+        "workers": args.workers,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "envoy": envoy_version,
+        "front_envoy_concurrency": 2,
+        "upstream_envoy_concurrency": 1,
     }
 
 
@@ -220,9 +253,12 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack(workers=args.workers, sse_chunks=args.stream_chunks, sse_gap_ms=args.stream_gap_ms).start()
     try:
         bench = Bench(stack, args)
-        print(f"# load generator: {'wrk' if bench.use_wrk else 'aiohttp (wrk not on PATH)'}; "
-              f"ext_proc workers: {args.workers}; {args.rounds} round(s) x {args.duration}s per cell; "
-              f"connections {conns_list}", flush=True)
+        print(
+            f"# load generator: {'wrk' if bench.use_wrk else 'aiohttp (wrk not on PATH)'}; "
+            f"ext_proc workers: {args.workers}; {args.rounds} round(s) x {args.duration}s per cell; "
+            f"connections {conns_list}",
+            flush=True,
+        )
         sanity = bench.sanity()
         cells: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in names}
         started = time.monotonic()
@@ -233,16 +269,26 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 for name in order:
                     res = bench.cell(name, conns, args.duration)
                     cells[name].setdefault(conns, []).append(res)
-                    print(f"  round {rnd + 1} {name:<18} c={conns:<3} {res['rps']:9.1f} req/s  p50 {res['p50_ms']:7.2f} ms"
-                          f"  p99 {res['p99_ms']:7.2f} ms  non2xx {res['non2xx']}  errors {res['errors']}", flush=True)
+                    print(
+                        f"  round {rnd + 1} {name:<18} c={conns:<3} {res['rps']:9.1f} req/s"
+                        f"  p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms"
+                        f"  non2xx {res['non2xx']}  errors {res['errors']}",
+                        flush=True,
+                    )
         extproc_tree = tree(stack.procs["extproc"].pid)
         result = {
             "kind": "holysheep-mesh bench",
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "wall_s": time.monotonic() - started,
-            "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-                         "connections": conns_list, "smoke": args.smoke, "stream_chunks": args.stream_chunks,
-                         "stream_gap_ms": args.stream_gap_ms},
+            "settings": {
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "rounds": args.rounds,
+                "connections": conns_list,
+                "smoke": args.smoke,
+                "stream_chunks": args.stream_chunks,
+                "stream_gap_ms": args.stream_gap_ms,
+            },
             "environment": environment(args, bench),
             "sanity": sanity,
             "summary": summarise(cells),
@@ -252,8 +298,11 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_end_mb": rss_mb(extproc_tree),
                 "processes": len(extproc_tree),
             },
-            "circuit_open_primary_requests": sum(r.get("upstream_open_primary_requests", 0)
-                                                 for r in sum(cells.get("e_circuit_open", {}).values(), [])),
+            "circuit_open_primary_requests": sum(
+                r.get("upstream_open_primary_requests", 0)
+                for rounds in cells.get("e_circuit_open", {}).values()
+                for r in rounds
+            ),
             "cells": {n: {str(c): v for c, v in by.items()} for n, by in cells.items()},
         }
     finally:
@@ -262,16 +311,18 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
-    """(b) at saturation for args.soak seconds, ext_proc RSS sampled every 10 s."""
+    """(b) (or --soak-target) at saturation for args.soak seconds, the processor's RSS sampled every 10 s."""
+    name = args.soak_target
+    listener, host, model, acct, _ = TARGETS[name]
     stack = Stack(workers=args.workers).start()
     try:
         bench = Bench(stack, args)
         bench.sanity()
-        bench.warm(["b_extproc"], args.soak_connections)
-        root = stack.procs["extproc"].pid
+        bench.warm([name], args.soak_connections)
+        root = stack.procs[acct or "extproc"].pid
         interval = min(10.0, max(1.0, args.soak / 10))
         with RssSampler(root, interval) as rss:
-            res = bench._load("front", "", body_for("bench-fallback"), args.soak_connections, args.soak, False)
+            res = bench._load(listener, host, body_for(model), args.soak_connections, args.soak, False)
         samples = rss.samples
         at_1min = min(samples, key=lambda s: abs(s[0] - min(60.0, args.soak / 5)))
         end = samples[-1]
@@ -280,11 +331,16 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
             "kind": "holysheep-mesh bench soak",
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "environment": environment(args, bench),
-            "target": "b_extproc", "connections": args.soak_connections, "duration_s": args.soak,
+            "target": name,
+            "process": acct or "extproc",
+            "connections": args.soak_connections,
+            "duration_s": args.soak,
             "load": res,
             "rss_samples_mb": [[round(t, 1), round(v, 2)] for t, v in samples],
-            "rss_at_1min_mb": at_1min[1], "rss_at_1min_t": at_1min[0],
-            "rss_end_mb": end[1], "rss_end_t": end[0],
+            "rss_at_1min_mb": at_1min[1],
+            "rss_at_1min_t": at_1min[0],
+            "rss_end_mb": end[1],
+            "rss_end_t": end[0],
             "rss_change_pct": (end[1] - at_1min[1]) * 100 / at_1min[1] if at_1min[1] else 0.0,
             "vmhwm_sum_mb": hwm_mb(tree(root)),
         }
@@ -312,8 +368,10 @@ def _collapse_top(raw_path: Path, n: int = 25) -> dict[str, Any]:
             incl[f] = incl.get(f, 0) + c
 
     def top(d: dict[str, int]) -> list[dict[str, Any]]:
-        return [{"function": k, "samples": v, "pct": round(v * 100 / total, 2) if total else 0.0}
-                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+        return [
+            {"function": k, "samples": v, "pct": round(v * 100 / total, 2) if total else 0.0}
+            for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]
+        ]
 
     return {"total_samples": total, "top_self": top(self_c), "top_inclusive": top(incl)}
 
@@ -345,25 +403,52 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         bench.sanity()
         bench.warm(["b_extproc"], 16)
         root = stack.procs["extproc"].pid
-        outputs = {}
+        outputs: dict[str, dict[str, Any]] = {}
         for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
             path = RESULTS / f"profile-{stamp}.{suffix}"
-            cmd = [pyspy, "record", "--pid", str(root), "--subprocesses", "--rate", str(args.profile_rate),
-                   "--duration", str(int(args.profile)), "--format", fmt, "-o", str(path), "--nonblocking"]
-            if args.profile_native:
-                cmd.append("--native")
+            cmd = [
+                pyspy,
+                "record",
+                "--pid",
+                str(root),
+                "--subprocesses",
+                "--rate",
+                str(args.profile_rate),
+                "--duration",
+                str(int(args.profile)),
+                "--format",
+                fmt,
+                "-o",
+                str(path),
+            ]
+            # --nonblocking does not pause the workers; native stacks need them paused
+            cmd.append("--native" if args.profile_native else "--nonblocking")
             spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             time.sleep(1.0)
+            threads0 = thread_cpu(tree(root))
             load = bench.cell("b_extproc", 16, args.profile)
+            threads1 = thread_cpu(tree(root))
+            per_1k = {
+                k: round((v - threads0.get(k, 0.0)) * 1000 / max(1, load["requests"]), 4) for k, v in threads1.items()
+            }
+            load["cpu_s_per_1k_by_thread"] = dict(sorted(per_1k.items(), key=lambda kv: -kv[1]))
             out, _ = spy.communicate(timeout=args.profile + 60)
             if spy.returncode != 0:
                 raise RuntimeError(f"py-spy failed: {out.decode(errors='replace')[-1000:]}")
             outputs[fmt] = {"path": str(path), "load": load}
         top = _collapse_top(Path(outputs["raw"]["path"]))
-        return {"kind": "holysheep-mesh bench profile", "target": "b_extproc", "connections": 16,
-                "duration_s": args.profile, "rate_hz": args.profile_rate, "environment": environment(args, bench),
-                "collapsed_stacks": outputs["raw"]["path"], "flamegraph": outputs["flamegraph"]["path"],
-                "load_during_profile": outputs["raw"]["load"], **top}
+        return {
+            "kind": "holysheep-mesh bench profile",
+            "target": "b_extproc",
+            "connections": 16,
+            "duration_s": args.profile,
+            "rate_hz": args.profile_rate,
+            "environment": environment(args, bench),
+            "collapsed_stacks": outputs["raw"]["path"],
+            "flamegraph": outputs["flamegraph"]["path"],
+            "load_during_profile": outputs["raw"]["load"],
+            **top,
+        }
     finally:
         stack.stop()
 
@@ -377,24 +462,41 @@ def write(result: dict[str, Any], prefix: str, out_dir: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured cell (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target and connection count")
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating target order (default 2)")
     p.add_argument("--connections", default="1,16,64", help="comma-separated connection counts")
     p.add_argument("--targets", default="", help="comma-separated subset of targets (default: all)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="ext_proc workers (default: cores)")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "aiohttp"), default="auto",
-                   help="auto: wrk when on PATH, else the bounded aiohttp generator")
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="auto: wrk when on PATH, else the bounded aiohttp generator",
+    )
     p.add_argument("--stream-chunks", type=int, default=8, help="SSE chunks per streamed response")
     p.add_argument("--stream-gap-ms", type=float, default=20.0, help="upstream delay between SSE chunks")
     p.add_argument("--smoke", action="store_true", help="a few seconds in all: 1 round, 1 s cells, 4 connections")
-    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
-                   help="memory mode: (b) at saturation for SECONDS (e.g. 300), RSS every 10 s")
+    p.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="memory mode: (b) at saturation for SECONDS (e.g. 300), RSS every 10 s",
+    )
     p.add_argument("--soak-connections", type=int, default=64)
-    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                   help="profile mode: (b) at 16 connections under py-spy for SECONDS (twice: raw + svg)")
+    p.add_argument("--soak-target", default="b_extproc", choices=[n for n, t in TARGETS.items() if t[3]],
+                   help="target for --soak (f_floor: the do-nothing processor, to tell gRPC from our code)")
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="profile mode: (b) at 16 connections under py-spy for SECONDS (twice: raw + svg)",
+    )
     p.add_argument("--profile-rate", type=int, default=250)
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON results")
@@ -412,15 +514,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.soak:
         result = run_soak(args)
         path = write(result, "soak", out_dir)
-        print(f"soak: (b) at {args.soak_connections} connections for {args.soak:.0f}s, "
-              f"{result['load']['rps']:.0f} req/s, non2xx {result['load']['non2xx']}")
-        print(f"ext_proc RSS at t={result['rss_at_1min_t']:.0f}s: {result['rss_at_1min_mb']:.1f} MB; "
-              f"at t={result['rss_end_t']:.0f}s: {result['rss_end_mb']:.1f} MB ({result['rss_change_pct']:+.1f}%)")
+        print(
+            f"soak: {result['target']} at {args.soak_connections} connections for {args.soak:.0f}s, "
+            f"{result['load']['rps']:.0f} req/s, non2xx {result['load']['non2xx']}"
+        )
+        print(
+            f"{result['process']} RSS at t={result['rss_at_1min_t']:.0f}s: {result['rss_at_1min_mb']:.1f} MB; "
+            f"at t={result['rss_end_t']:.0f}s: {result['rss_end_mb']:.1f} MB ({result['rss_change_pct']:+.1f}%)"
+        )
     elif args.profile:
         result = run_profile(args)
         path = write(result, "profile", out_dir)
-        print(f"profile: {result['total_samples']} samples; flamegraph {result['flamegraph']}; "
-              f"collapsed stacks {result['collapsed_stacks']}")
+        print(
+            f"profile: {result['total_samples']} samples; flamegraph {result['flamegraph']}; "
+            f"collapsed stacks {result['collapsed_stacks']}"
+        )
+        print(
+            "ext_proc CPU s per 1k requests by thread name:",
+            json.dumps(result["load_during_profile"]["cpu_s_per_1k_by_thread"]),
+        )
         print("top self time:")
         for row in result["top_self"][:15]:
             print(f"  {row['pct']:6.2f}%  {row['function']}")
@@ -428,12 +540,16 @@ def main(argv: list[str] | None = None) -> int:
         result = run_matrix(args)
         path = write(result, "bench", out_dir)
         print()
-        print(f"load generator: {result['environment']['load_generator']} (streams: aiohttp); "
-              f"{args.rounds} round(s), {args.duration:g}s per cell; ratios are to a_baseline (d_*: d_stream_baseline)")
+        print(
+            f"load generator: {result['environment']['load_generator']} (streams: aiohttp); "
+            f"{args.rounds} round(s), {args.duration:g}s per cell; ratios are to a_baseline (d_*: d_stream_baseline)"
+        )
         print(table(result["summary"], args.rounds))
         mem = result["extproc_memory"]
-        print(f"\next_proc memory ({mem['processes']} processes): peak sampled RSS {mem['peak_rss_sampled_mb']:.1f} MB,"
-              f" sum of VmHWM {mem['vmhwm_sum_mb']:.1f} MB")
+        print(
+            f"\next_proc memory ({mem['processes']} processes): peak sampled RSS {mem['peak_rss_sampled_mb']:.1f} MB,"
+            f" sum of VmHWM {mem['vmhwm_sum_mb']:.1f} MB"
+        )
         print(f"circuit open: primary received {result['circuit_open_primary_requests']} requests during measurement")
     print(f"results: {path}")
     return 0

@@ -31,9 +31,16 @@ def make_app(chunks: int, gap: float) -> web.Application:
             delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f"tok{i} "}
             await resp.write(_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
         await asyncio.sleep(gap)
-        await resp.write(_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks}})
-                         + b"data: [DONE]\n\n")
+        await resp.write(
+            _event(
+                {
+                    **base,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
+                }
+            )
+            + b"data: [DONE]\n\n"
+        )
         await resp.write_eof()
         return resp
 
@@ -53,8 +60,7 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--gap-ms", type=float, default=20.0)
     args = p.parse_args()
-    web.run_app(make_app(args.chunks, args.gap_ms / 1000), host=args.host, port=args.port, print=None,
-                access_log=None)
+    web.run_app(make_app(args.chunks, args.gap_ms / 1000), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
 

@@ -32,12 +32,23 @@ from extproc.envoy_bootstrap import EXTPROC_CLUSTER, BootstrapOptions, Passthrou
 from extproc.spec import load_file
 from protos.filter_config import ext_proc_filter
 
-CHAT_RESPONSE = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the bench upstream."},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
-}, separators=(",", ":"))
+CHAT_RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+    },
+    separators=(",", ":"),
+)
 ERROR_RESPONSE = json.dumps({"error": {"message": "bench primary fails", "type": "server_error", "code": None}})
 
 # Upstream listeners: name -> (status, body). Each provider needs its own port (one vhost per
@@ -141,23 +152,41 @@ def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict:
     listeners = []
     for name, (status, body) in UPSTREAMS.items():
         hcm = {
-            "@type": _HCM, "stat_prefix": name, "codec_type": "AUTO",
-            "route_config": {"name": name, "virtual_hosts": [{
-                "name": name, "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"},
-                            "direct_response": {"status": status, "body": {"inline_string": body}},
-                            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}],
-            }]},
+            "@type": _HCM,
+            "stat_prefix": name,
+            "codec_type": "AUTO",
+            "route_config": {
+                "name": name,
+                "virtual_hosts": [
+                    {
+                        "name": name,
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                "direct_response": {"status": status, "body": {"inline_string": body}},
+                                "response_headers_to_add": [
+                                    {"header": {"key": "content-type", "value": "application/json"}}
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
             "http_filters": [
                 {"name": "envoy.filters.http.buffer", "typed_config": {"@type": _BUFFER, "max_request_bytes": 1 << 20}},
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
             ],
         }
-        listeners.append({
-            "name": name,
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports[name]}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-        })
+        listeners.append(
+            {
+                "name": name,
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports[name]}},
+                "filter_chains": [
+                    {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                ],
+            }
+        )
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "node": {"id": "bench-upstream", "cluster": "bench-upstream"},
@@ -166,12 +195,18 @@ def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict:
 
 
 def front_bootstrap(config_path: str, ports: dict[str, int]) -> dict:
-    boot = build_bootstrap(load_file(config_path), BootstrapOptions(
-        listen_port=ports["front"], admin_port=ports["front_admin"],
-        extproc_addresses=[("127.0.0.1", ports["grpc"])],
-        passthrough=[Passthrough("bench-baseline", "127.0.0.1", ports["baseline"]),
-                     Passthrough("bench-baseline-sse", "127.0.0.1", ports["sse"])],
-    ))
+    boot = build_bootstrap(
+        load_file(config_path),
+        BootstrapOptions(
+            listen_port=ports["front"],
+            admin_port=ports["front_admin"],
+            extproc_addresses=[("127.0.0.1", ports["grpc"])],
+            passthrough=[
+                Passthrough("bench-baseline", "127.0.0.1", ports["baseline"]),
+                Passthrough("bench-baseline-sse", "127.0.0.1", ports["sse"]),
+            ],
+        ),
+    )
     res = boot["static_resources"]
     # Floor: a second listener, same HCM settings, whose (enabled) ext_proc is the do-nothing server
     # and whose routes go straight to the baseline upstreams.
@@ -187,17 +222,38 @@ def front_bootstrap(config_path: str, ports: dict[str, int]) -> dict:
     floor_filter["typed_config"]["max_message_timeout"] = timeout
     floor_filter["typed_config"].pop("request_attributes", None)
     hcm["http_filters"][0] = floor_filter
-    hcm["route_config"] = {"name": "floor", "virtual_hosts": [
-        {"name": "floor-sse", "domains": ["bench-baseline-sse"],
-         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "passthrough-1"}}]},
-        {"name": "floor", "domains": ["*"],
-         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "passthrough-0"}}]},
-    ]}
+    hcm["route_config"] = {
+        "name": "floor",
+        "virtual_hosts": [
+            {
+                "name": "floor-sse",
+                "domains": ["bench-baseline-sse"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "passthrough-1"}}],
+            },
+            {
+                "name": "floor",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "passthrough-0"}}],
+            },
+        ],
+    }
     res["listeners"].append(listener)
     grpc_cluster = copy.deepcopy(next(c for c in res["clusters"] if c["name"] == EXTPROC_CLUSTER))
     grpc_cluster["name"] = "bench-floor"
-    grpc_cluster["load_assignment"] = {"cluster_name": "bench-floor", "endpoints": [{"lb_endpoints": [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["floor_grpc"]}}}}]}]}
+    grpc_cluster["load_assignment"] = {
+        "cluster_name": "bench-floor",
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["floor_grpc"]}}
+                        }
+                    }
+                ]
+            }
+        ],
+    }
     res["clusters"].append(grpc_cluster)
     return boot
 
@@ -215,7 +271,7 @@ def _wait(url: str, procs: list[subprocess.Popen], deadline: float = 30.0) -> No
     while time.monotonic() < end:
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{p.args[0]} exited with {p.returncode} before ready")
+                raise RuntimeError(f"{p.args!r} exited with {p.returncode} before ready")
         with contextlib.suppress(OSError):
             if _get(url)[0] == 200:
                 return
@@ -237,10 +293,21 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     workdir: str = ""
+    _logs: list = field(default_factory=list)
 
     def start(self) -> Stack:
         self.workdir = tempfile.mkdtemp(prefix="holysheep-bench-")
-        names = [*UPSTREAMS, "upstream_admin", "sse", "grpc", "http", "floor_grpc", "front", "front_admin", "floor_listen"]
+        names = [
+            *UPSTREAMS,
+            "upstream_admin",
+            "sse",
+            "grpc",
+            "http",
+            "floor_grpc",
+            "front",
+            "front_admin",
+            "floor_listen",
+        ]
         self.ports = {n: free_port() for n in names}
         p = self.ports
         config_path = os.path.join(self.workdir, "bench.yaml")
@@ -250,19 +317,54 @@ class Stack:
         envoy = envoy_binary()
         try:
             self._spawn_envoy("upstream", envoy, upstream_bootstrap(p, p["upstream_admin"]), 1)
-            self.procs["sse"] = self._popen([sys.executable, "-m", "bench.sse_server", "--port", str(p["sse"]),
-                                             "--chunks", str(self.sse_chunks), "--gap-ms", str(self.sse_gap_ms)])
+            self.procs["sse"] = self._popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.sse_server",
+                    "--port",
+                    str(p["sse"]),
+                    "--chunks",
+                    str(self.sse_chunks),
+                    "--gap-ms",
+                    str(self.sse_gap_ms),
+                ]
+            )
             env = {**os.environ, API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level}
             env.pop("HOLYSHEEP_WORKER", None)
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            self.procs["extproc"] = self._popen([
-                shutil.which("holysheep-mesh") or "holysheep-mesh", "extproc", "--config", config_path,
-                "--grpc-address", f"127.0.0.1:{p['grpc']}", "--http-address", f"127.0.0.1:{p['http']}",
-                "--workers", str(self.workers), "--secrets-dir", os.path.join(self.workdir, "secrets"),
-                "--drain-seconds", "1", "--log-level", self.log_level,
-            ], env=env)
-            self.procs["floor"] = self._popen([sys.executable, "-m", "bench.floor", "--address",
-                                               f"127.0.0.1:{p['floor_grpc']}", "--workers", str(self.workers)])
+            self.procs["extproc"] = self._popen(
+                [
+                    shutil.which("holysheep-mesh") or "holysheep-mesh",
+                    "extproc",
+                    "--config",
+                    config_path,
+                    "--grpc-address",
+                    f"127.0.0.1:{p['grpc']}",
+                    "--http-address",
+                    f"127.0.0.1:{p['http']}",
+                    "--workers",
+                    str(self.workers),
+                    "--secrets-dir",
+                    os.path.join(self.workdir, "secrets"),
+                    "--drain-seconds",
+                    "1",
+                    "--log-level",
+                    self.log_level,
+                ],
+                env=env,
+            )
+            self.procs["floor"] = self._popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.floor",
+                    "--address",
+                    f"127.0.0.1:{p['floor_grpc']}",
+                    "--workers",
+                    str(self.workers),
+                ]
+            )
             self._spawn_envoy("front", envoy, front_bootstrap(config_path, p), 2)
             _wait(f"http://127.0.0.1:{p['upstream_admin']}/ready", list(self.procs.values()))
             _wait(f"http://127.0.0.1:{p['front_admin']}/ready", list(self.procs.values()))
@@ -291,15 +393,28 @@ class Stack:
             time.sleep(0.1)
 
     def _popen(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.workdir, os.path.basename(cmd[0]) + f"-{len(self.procs)}.log"), "wb")  # noqa: SIM115
+        log = open(os.path.join(self.workdir, os.path.basename(cmd[0]) + f"-{len(self.procs)}.log"), "wb")
+        self._logs.append(log)
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _spawn_envoy(self, name: str, binary: str, bootstrap: dict, concurrency: int) -> None:
         path = os.path.join(self.workdir, f"{name}.json")
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(bootstrap, fh, indent=1)
-        self.procs[name] = self._popen([binary, "-c", path, "--disable-hot-restart", "--log-level", "error",
-                                        "--concurrency", str(concurrency), "--base-id", str(free_port())])
+        self.procs[name] = self._popen(
+            [
+                binary,
+                "-c",
+                path,
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+                "--concurrency",
+                str(concurrency),
+                "--base-id",
+                str(free_port()),
+            ]
+        )
 
     def upstream_count(self, listener: str) -> int:
         """Requests a fake provider has received (its listener's downstream_rq_total)."""
@@ -325,5 +440,8 @@ class Stack:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         self.procs.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
         if self.workdir and not os.environ.get("BENCH_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)

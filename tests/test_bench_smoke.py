@@ -1,0 +1,94 @@
+"""The benchmark runs end to end in smoke mode and writes a well-formed result.
+
+Starts the whole bench stack (two Envoys, the ext_proc, the floor, the SSE upstream) for about
+a second per target, so it stays well under 40 s in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(
+        shutil.which("envoy") is None and shutil.which("holysheep-mesh") is None, reason="needs the envoy binary"
+    ),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = {
+    "a_baseline",
+    "b_extproc",
+    "c_cache_hit",
+    "e_failover",
+    "e_circuit_open",
+    "f_floor",
+    "d_stream_baseline",
+    "d_stream_extproc",
+    "d_stream_floor",
+}
+MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor")
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--smoke",
+        "--connections",
+        "2",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+        *extra,
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    files = list(tmp_path.glob("bench-*.json"))
+    assert len(files) == 1, files
+    assert "results:" in out.stdout and "req/s" in out.stdout
+    return json.loads(files[0].read_text())
+
+
+def test_smoke_run_is_well_formed(tmp_path: Path) -> None:
+    result = _run(tmp_path)
+    summary = result["summary"]
+    assert set(summary) == ALL
+    assert result["environment"]["load_generator"] in ("wrk", "aiohttp (bench.loadgen)")
+    for name in ALL:
+        cell = summary[name]["2"]
+        assert cell["requests"] > 0, name
+        assert cell["rps"]["median"] > 0, name
+        assert cell["p50_ms"]["median"] > 0 and cell["p99_ms"]["median"] >= cell["p50_ms"]["median"], name
+        assert cell["errors"] == 0, name
+    for name in MUST_BE_2XX:
+        assert summary[name]["2"]["non2xx"] == 0, name
+        assert result["sanity"][name]["status"] == 200, result["sanity"][name]
+    # the ext_proc did the work: providers picked, and the warm cache answered in Always mode
+    assert result["sanity"]["b_extproc"]["provider"] == "fallback"
+    assert result["sanity"]["e_failover"]["provider"] == "fo-secondary"
+    assert summary["e_failover"]["2"]["upstream_fo_primary_requests"] > 0  # every request tried the primary
+    assert summary["c_cache_hit"]["2"]["upstream_always_requests"] == 0  # every request served from the cache
+    assert result["circuit_open_primary_requests"] == 0
+    assert summary["b_extproc"]["2"]["extproc_cpu_s_per_1k"]["median"] > 0
+    assert result["extproc_memory"]["peak_rss_sampled_mb"] > 0
+    assert summary["d_stream_extproc"]["2"]["ttfb_p50_ms"]["median"] > 0
+    assert summary["b_extproc"]["2"]["vs_baseline"]["rps"] > 0
+
+
+def test_smoke_aiohttp_load_generator(tmp_path: Path) -> None:
+    result = _run(tmp_path, "--loadgen", "aiohttp", "--targets", "a_baseline,b_extproc")
+    assert result["environment"]["load_generator"].startswith("aiohttp")
+    assert set(result["summary"]) == {"a_baseline", "b_extproc"}
+    for name in ("a_baseline", "b_extproc"):
+        assert result["summary"][name]["2"]["requests"] > 0
+        assert result["summary"][name]["2"]["non2xx"] == 0
