@@ -30,7 +30,14 @@ from extproc.api import (
 from extproc.attributes import RequestInfo, request_info
 from extproc.auth import auth_headers
 from extproc.cache import CachedResponse, ResponseCache, cache_key
-from extproc.errors import ClientError, InternalError, NoProviderAvailable, NotConfigured, UnknownModel
+from extproc.errors import (
+    BodyTooLarge,
+    ClientError,
+    InternalError,
+    NoProviderAvailable,
+    NotConfigured,
+    UnknownModel,
+)
 from extproc.routing import order_backends
 from extproc.runtime import Provider, Runtime
 from extproc.spec import BackendSpec, HolySheepConfig
@@ -98,8 +105,6 @@ class RequestProcessor:
             raise NotConfigured()
         body = req.request_body.body
         if len(body) > MAX_REQUEST_BYTES:
-            from extproc.errors import BodyTooLarge
-
             raise BodyTooLarge(len(body), MAX_REQUEST_BYTES)
         self.raw_body = body
         self.endpoint = classify_path(self.info.path)
@@ -108,10 +113,10 @@ class RequestProcessor:
         if match is None:
             raise UnknownModel(self.parsed.model)
         self.config = match.config
-        attempts = self._plan(order_backends(match.route.backends))
+        self._plan(order_backends(match.route.backends))
         if self._cache().enabled and self._cache().spec.mode == "Always":
             return None  # resolved asynchronously: the cache may answer before any provider
-        return self._first_attempt(attempts)
+        return self._first_attempt()
 
     async def resolve(self) -> m.ProcessingResponse:
         """The async part of the request-body phase: an ``Always``-mode cache lookup."""
@@ -121,11 +126,11 @@ class RequestProcessor:
                 metrics.CACHE_EVENTS.labels("hit").inc()
                 return self._from_cache(hit, "hit")
             metrics.CACHE_EVENTS.labels("miss").inc()
-            return self._first_attempt(self.pending)
+            return self._first_attempt()
         except ClientError as err:
             return self._error(err)
 
-    def _plan(self, backends: list[BackendSpec]) -> list[Attempt]:
+    def _plan(self, backends: list[BackendSpec]) -> None:
         assert self.rt is not None and self.parsed is not None and self.config is not None
         budget = self.config.max_retries + 1
         plan: list[Attempt] = []
@@ -139,7 +144,6 @@ class RequestProcessor:
                 body = encode_with_model(self.parsed, model) if backend.model else None
                 plan.append(Attempt(provider, backend, model, body))
         self.pending = plan
-        return plan
 
     def _next_attempt(self) -> Attempt | None:
         while self.pending:
@@ -149,7 +153,7 @@ class RequestProcessor:
             self.skipped.append(attempt.provider.name)
         return None
 
-    def _first_attempt(self, _: list[Attempt]) -> m.ProcessingResponse:
+    def _first_attempt(self) -> m.ProcessingResponse:
         assert self.endpoint is not None and self.parsed is not None
         attempt = self._next_attempt()
         if attempt is None:
@@ -262,9 +266,6 @@ class RequestProcessor:
         result = await self.upstream.request("POST", url, headers, body, provider.timeout)
         metrics.UPSTREAM_LATENCY.labels(provider.name).observe(result.latency)
         return result
-
-    def on_response_body(self, req: m.ProcessingRequest) -> m.ProcessingResponse:
-        return m.CONTINUE_RESPONSE_BODY
 
     def after_response_body(self, req: m.ProcessingRequest) -> None:
         """Runs after the chunk was acknowledged, so it never delays the client."""
