@@ -17,6 +17,13 @@ def auth_headers(auth: AuthSpec, credential: Credential) -> list[tuple[str, byte
     return [(auth.header_name, value.encode())]
 
 
+def auth_header_dict(auth: AuthSpec, credential: Credential | None) -> dict[str, str]:
+    """The same headers for the data plane's own HTTP calls (failover, health checks)."""
+    if credential is None:
+        return {}
+    return {k: v.decode() for k, v in auth_headers(auth, credential)}
+
+
 def headers_to_remove(auth: AuthSpec) -> list[str]:
     """Client credential headers to strip; the provider's own header is overwritten instead."""
     return [h for h in CLIENT_CREDENTIAL_HEADERS if h != auth.header_name]

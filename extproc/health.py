@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from extproc.auth import auth_headers
+from extproc.auth import auth_header_dict
 from extproc.runtime import Provider, Runtime
 from extproc.upstream import UpstreamClient
 
@@ -32,9 +32,7 @@ class HealthChecker:
         hc = provider.config.health_check
         assert hc is not None
         headers: dict[str, str] = {"accept": "application/json"}
-        credential = runtime.credentials.get(provider.spec.auth)
-        if credential is not None:
-            headers.update((k, v.decode()) for k, v in auth_headers(provider.spec.auth, credential))
+        headers.update(auth_header_dict(provider.spec.auth, runtime.credentials.get(provider.spec.auth)))
         url = provider.spec.base_url.rstrip("/") + hc.endpoint
         timeout = min(hc.interval, provider.timeout)
         result = await self.upstream.request("GET", url, headers, None, timeout)

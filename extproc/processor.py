@@ -28,7 +28,7 @@ from extproc.api import (
     parse_body,
 )
 from extproc.attributes import RequestInfo, request_info
-from extproc.auth import auth_headers
+from extproc.auth import auth_header_dict, auth_headers
 from extproc.cache import CachedResponse, ResponseCache, cache_key
 from extproc.errors import (
     BodyTooLarge,
@@ -114,19 +114,21 @@ class RequestProcessor:
             raise UnknownModel(self.parsed.model)
         self.config = match.config
         self._plan(order_backends(match.route.backends))
-        if self._cache().enabled and self._cache().spec.mode == "Always":
+        if self._cache().spec.mode == "Always":
             return None  # resolved asynchronously: the cache may answer before any provider
-        return self._first_attempt()
+        return self._first_attempt()  # None when no backend can be tried: resolve() falls back
 
     async def resolve(self) -> m.ProcessingResponse:
-        """The async part of the request-body phase: an ``Always``-mode cache lookup."""
+        """The async part of the request-body phase: an ``Always``-mode lookup, or the fallback
+        (memory and Redis) when every backend is open or unhealthy."""
         try:
-            hit = await self._cache().get(self._cache_key())
-            if hit is not None:
-                metrics.CACHE_EVENTS.labels("hit").inc()
-                return self._from_cache(hit, "hit")
-            metrics.CACHE_EVENTS.labels("miss").inc()
-            return self._first_attempt()
+            if self._cache().spec.mode == "Always":
+                hit = await self._cache().get(self._cache_key())
+                if hit is not None:
+                    metrics.CACHE_EVENTS.labels("hit").inc()
+                    return self._from_cache(hit, "hit")
+                metrics.CACHE_EVENTS.labels("miss").inc()
+            return self._first_attempt() or await self._exhausted()
         except ClientError as err:
             return self._error(err)
 
@@ -153,11 +155,11 @@ class RequestProcessor:
             self.skipped.append(attempt.provider.name)
         return None
 
-    def _first_attempt(self) -> m.ProcessingResponse:
+    def _first_attempt(self) -> m.ProcessingResponse | None:
         assert self.endpoint is not None and self.parsed is not None
         attempt = self._next_attempt()
         if attempt is None:
-            return self._exhausted_sync()
+            return None
         self.attempt = attempt
         self.tried.append(attempt.provider.name)
         provider = attempt.provider
@@ -258,9 +260,7 @@ class RequestProcessor:
         provider = attempt.provider
         accept = "text/event-stream" if self._streaming else "application/json"
         headers = {"content-type": "application/json", "accept": accept}
-        credential = self.rt.credentials.get(provider.spec.auth)
-        if credential is not None:
-            headers.update((k, v.decode()) for k, v in auth_headers(provider.spec.auth, credential))
+        headers.update(auth_header_dict(provider.spec.auth, self.rt.credentials.get(provider.spec.auth)))
         url = provider.spec.base_url.rstrip("/") + self.endpoint.suffix
         body = attempt.body if attempt.body is not None else self.raw_body
         result = await self.upstream.request("POST", url, headers, body, provider.timeout)
@@ -336,15 +336,6 @@ class RequestProcessor:
     def _from_cache(self, hit: CachedResponse, how: str) -> m.ProcessingResponse:
         headers = [("content-type", hit.content_type.encode()), (CACHE_HEADER, how.encode())]
         return m.immediate_response(hit.status, headers, hit.body, f"holysheep_cache_{how}")
-
-    def _exhausted_sync(self) -> m.ProcessingResponse:
-        """No backend could even be tried; only the memory tier is consulted without I/O."""
-        if self._cache().enabled:
-            hit = self._cache().memory.get(self._cache_key())
-            if hit is not None:
-                metrics.CACHE_EVENTS.labels("fallback").inc()
-                return self._from_cache(hit, "fallback")
-        return self._error(NoProviderAvailable(self.parsed.model if self.parsed else "", self.tried, self.skipped))
 
     async def _exhausted(self) -> m.ProcessingResponse:
         if self._cache().enabled:

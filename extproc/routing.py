@@ -44,10 +44,11 @@ class RouteTable:
         return found
 
 
-def order_backends(backends: Sequence[BackendSpec], rng: random.Random = random._inst) -> list[BackendSpec]:  # type: ignore[attr-defined]
+def order_backends(backends: Sequence[BackendSpec], rng: random.Random | None = None) -> list[BackendSpec]:
     """Priority ascending; within one priority a weighted random order (Efraimidis-Spirakis)."""
     if len(backends) == 1:
         return list(backends)
-    keyed = [(b.priority, -(rng.random() ** (1.0 / b.weight)), i, b) for i, b in enumerate(backends)]
+    draw = rng.random if rng is not None else random.random
+    keyed = [(b.priority, -(draw() ** (1.0 / b.weight)), i, b) for i, b in enumerate(backends)]
     keyed.sort()
     return [k[3] for k in keyed]

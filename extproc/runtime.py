@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from extproc.auth import headers_to_remove
 from extproc.breaker import CircuitBreaker
 from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
@@ -53,8 +54,6 @@ class Runtime:
         credentials: CredentialStore,
         previous: Runtime | None = None,
     ) -> None:
-        from extproc.auth import headers_to_remove
-
         self.configs = tuple(configs)
         self.credentials = credentials
         self.routes = RouteTable(self.configs)

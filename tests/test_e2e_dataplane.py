@@ -201,6 +201,24 @@ def test_circuit_opens_sends_nothing_while_open_then_closes(stack: Stack) -> Non
         brk.mode = "ok"
 
 
+def test_every_circuit_open_answers_503_without_calling_anyone(stack: Stack) -> None:
+    brk, brk2 = stack.mocks["brk"], stack.mocks["brk2"]
+    brk.mode = brk2.mode = "500"
+    try:
+        wait_until(lambda: stack.chat("cb-model").status_code == 503 and
+                   'holysheep_circuit_state{provider="brk2"} 1.0' in stack.extproc.metrics(), what="both open")
+        calls = brk.total + brk2.total
+        resp = stack.chat("cb-model")
+        assert resp.status_code == 503
+        error = resp.json()["error"]
+        assert error["code"] == "no_provider_available" and "brk" in error["message"]
+        assert brk.total + brk2.total == calls, "an open circuit must receive no requests"
+    finally:
+        brk.mode = brk2.mode = "ok"
+    time.sleep(2.2)  # resetTimeout: the half-open trials close both again
+    wait_until(lambda: stack.chat("cb-model").headers.get("x-holysheep-provider") == "brk", what="recovered")
+
+
 def test_failing_health_check_takes_provider_out(stack: Stack) -> None:
     hc = stack.mocks["hc"]
     hc.mode = "health-fail"  # only /models fails: requests would still succeed if sent
