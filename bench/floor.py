@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import grpc
@@ -40,13 +41,41 @@ _BY_PHASE = {
 }
 
 
+EARLY = os.environ.get("BENCH_FLOOR_EARLY") == "1"
+
+
 class Floor(pbg.ExternalProcessorServicer):
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         while True:
             req = await context.read()
             if req is grpc.aio.EOF:
                 return
-            await context.write(_BY_PHASE[req.WhichOneof("request")])
+            phase = req.WhichOneof("request")
+            await context.write(_BY_PHASE[phase])
+            if EARLY and phase == "response_body" and req.response_body.end_of_stream:
+                return
+
+
+class SyncFloor(pbg.ExternalProcessorServicer):
+    def Process(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        for req in request_iterator:
+            yield _BY_PHASE[req.WhichOneof("request")]
+
+
+def serve_sync(address: str) -> None:
+    # Thread-per-stream grpcio server, to compare against grpc.aio on the same workload.
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=256), options=[("grpc.so_reuseport", 1)])
+    pbg.add_ExternalProcessorServicer_to_server(SyncFloor(), server)
+    if not server.add_insecure_port(address):
+        raise RuntimeError(f"cannot listen on {address}")
+    server.start()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop(0.5)
 
 
 async def serve(address: str) -> None:
@@ -85,7 +114,14 @@ def main() -> int:
         for proc in procs:
             proc.wait()
         return 0
-    asyncio.run(serve(args.address))
+    if os.environ.get("BENCH_FLOOR_IMPL") == "sync":
+        serve_sync(args.address)
+    elif os.environ.get("BENCH_FLOOR_IMPL") == "uvloop":
+        import uvloop  # type: ignore[import-not-found]
+
+        uvloop.run(serve(args.address))
+    else:
+        asyncio.run(serve(args.address))
     return 0
 
 

@@ -335,7 +335,10 @@ class Stack:
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             self.procs["extproc"] = self._popen(
                 [
-                    shutil.which("holysheep-mesh") or "holysheep-mesh",
+                    # The interpreter running the bench, so an un-activated venv works too.
+                    sys.executable,
+                    "-m",
+                    "extproc.cli",
                     "extproc",
                     "--config",
                     config_path,
