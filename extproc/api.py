@@ -113,6 +113,11 @@ def parse_body(body: bytes) -> ParsedRequest:
     if not isinstance(model, str) or not model:
         raise MissingModel("'model' must be a non-empty string" if "model" in payload else
                            "you must provide a model parameter")
+    if not model.isascii():
+        try:
+            model.encode()  # the model becomes a metric label and a log field: it must be UTF-8
+        except UnicodeEncodeError:
+            raise InvalidJSON("'model' contains an unpaired surrogate escape") from None
     return ParsedRequest(payload=payload, model=model, stream=payload.get("stream") is True)
 
 

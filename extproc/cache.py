@@ -42,7 +42,9 @@ class CachedResponse:
 
 def cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.sha256(f"{tenant}\x00{endpoint}\x00{canonical}".encode()).hexdigest()
+    # surrogatepass: JSON may carry lone surrogate escapes ("\ud800"), which strict UTF-8 cannot
+    # encode; the key must still be injective and must never raise.
+    digest = hashlib.sha256(f"{tenant}\x00{endpoint}\x00{canonical}".encode("utf-8", "surrogatepass")).hexdigest()
     return f"holysheep:v1:{digest}"
 
 

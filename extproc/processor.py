@@ -166,7 +166,7 @@ class RequestProcessor:
         credential = self.rt.credentials.get(provider.spec.auth) if self.rt else None
         headers = [
             (":authority", provider.spec.authority.encode()),
-            (":path", (provider.spec.base_path + self.endpoint.suffix).encode()),
+            (":path", provider.spec.base_path.encode() + self.endpoint.suffix.encode("latin-1")),
         ]
         if credential is not None:
             headers += auth_headers(provider.spec.auth, credential)
@@ -188,10 +188,12 @@ class RequestProcessor:
             if len(self.rt.providers) != 1:
                 return m.CONTINUE_REQUEST_HEADERS
             provider = next(iter(self.rt.providers.values()))
-        path = self.info.path
+        # Header text is latin-1-decoded bytes (protos.messages.headers_to_dict): encode it back
+        # the same way, so a client's query bytes reach the provider unchanged.
+        suffix = bodyless_suffix(self.info.path, provider.spec.base_path).encode("latin-1")
         set_headers = [
             (":authority", provider.spec.authority.encode()),
-            (":path", (provider.spec.base_path + bodyless_suffix(path, provider.spec.base_path)).encode()),
+            (":path", provider.spec.base_path.encode() + suffix),
         ]
         credential = self.rt.credentials.get(provider.spec.auth)
         if credential is not None:

@@ -1,0 +1,102 @@
+"""Regressions found by the atheris harness (tests/fuzz/fuzz_request_body.py), in-process.
+
+Each test drives a real ``RequestProcessor`` with real ext_proc protobufs, as
+``extproc/service.py`` does, and pins one input the fuzzer found mishandled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from prometheus_client import REGISTRY, generate_latest
+
+from extproc.cache import cache_key
+from extproc.credentials import CredentialStore
+from extproc.processor import RequestProcessor
+from extproc.runtime import Runtime
+from extproc.spec import load_text
+from extproc.upstream import UpstreamClient, UpstreamResult
+
+CONFIG = """\
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {name: regress, namespace: default}
+spec:
+  circuitBreaker: {enabled: true, failureThreshold: 1, resetTimeout: 3600s}
+  providers:
+    - {name: only, baseUrl: "https://only.invalid/v1", auth: {type: Bearer, secretName: only, key: api-key}}
+  routes:
+    - {models: ["local-*", gpt-4o-mini], backends: [{provider: only}]}
+  cache: {mode: Fallback}
+"""
+
+
+class NoNetwork(UpstreamClient):
+    async def request(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+                      timeout: float) -> UpstreamResult:
+        raise AssertionError("no network on the request path")
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Runtime:
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "api-key").write_text("sk-regress-only-0001")
+    return Runtime(load_text(CONFIG), CredentialStore(str(tmp_path)))
+
+
+def _headers(path: bytes, end_of_stream: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":method", raw_value=b"GET" if end_of_stream else b"POST"),
+        base_pb2.HeaderValue(key=":path", raw_value=path),
+        base_pb2.HeaderValue(key=":authority", raw_value=b"only.invalid"),
+    ]), end_of_stream=end_of_stream))
+
+
+def _run(runtime: Runtime, path: bytes, body: bytes) -> pb.ProcessingResponse:
+    proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
+    proc.on_request_headers(_headers(path))
+    resp = proc.on_request_body(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
+    return resp if resp is not None else asyncio.run(proc.resolve())
+
+
+def _set_headers(common: pb.CommonResponse) -> dict[str, bytes]:
+    return {o.header.key: o.header.raw_value for o in common.header_mutation.set_headers}
+
+
+def test_non_ascii_query_bytes_reach_the_provider_unchanged(runtime: Runtime) -> None:
+    # Was: the latin-1-decoded path re-encoded as UTF-8, so b"\xff" became b"\xc3\xbf".
+    query = b"?q=caf\xc3\xa9&raw=\xff"
+    resp = _run(runtime, b"/v1/chat/completions" + query, b'{"model": "gpt-4o-mini"}')
+    assert _set_headers(resp.request_body.response)[":path"] == b"/v1/chat/completions" + query
+
+    proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
+    bodyless = proc.on_request_headers(_headers(b"/v1/models?x=\xff", end_of_stream=True))
+    assert _set_headers(bodyless.request_headers.response)[":path"] == b"/v1/models?x=\xff"
+
+
+def test_lone_surrogate_escape_in_the_body_is_not_a_500(runtime: Runtime) -> None:
+    # Was: cache_key() raised UnicodeEncodeError on "\ud800" (valid JSON, not valid Unicode), and
+    # the fallback lookup with every circuit open became a 500 instead of a 503.
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800 \\udfff"}]}'
+    assert _run(runtime, b"/v1/chat/completions", body).WhichOneof("response") == "request_body"
+    for provider in runtime.providers.values():
+        provider.breaker.record_failure()
+    resp = _run(runtime, b"/v1/chat/completions", body)
+    assert resp.immediate_response.status.code == 503, resp
+    assert json.loads(resp.immediate_response.body)["error"]["code"] == "no_provider_available"
+    # The key stays injective: different lone surrogates, different keys.
+    assert cache_key("", "/chat/completions", {"a": "\ud800"}) != cache_key("", "/chat/completions", {"a": "\udc00"})
+
+
+def test_lone_surrogate_model_is_rejected_and_metrics_still_render(runtime: Runtime) -> None:
+    # Was: "local-\ud800" matched the glob route and became a metric label, after which every
+    # /metrics scrape raised UnicodeEncodeError.
+    resp = _run(runtime, b"/v1/chat/completions", b'{"model": "local-\\ud800"}')
+    assert resp.immediate_response.status.code == 400, resp
+    assert json.loads(resp.immediate_response.body)["error"]["code"] == "invalid_json"
+    generate_latest(REGISTRY)
