@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 from extproc.credentials import Credential
 from extproc.spec import AuthSpec
 
+log = logging.getLogger(__name__)
+
 # Any client-supplied credential is removed before a request leaves the mesh: apps hold no keys,
-# and a key an app does hold must never reach a provider it did not mean to call.
-CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+# and a key an app does hold must never reach a provider it did not mean to call. Header names
+# are matched case-insensitively (Envoy lower-cases them; HTTP/2 requires lower case).
+CLIENT_CREDENTIAL_HEADERS = (
+    "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
+)
 
 
 def auth_headers(auth: AuthSpec, credential: Credential) -> list[tuple[str, bytes]]:
     value = credential.reveal()
+    if log.isEnabledFor(logging.DEBUG):  # names only, never the value
+        log.debug("credential injected", extra={"auth_type": auth.type, "auth_header": auth.header_name})
     if auth.type == "Bearer":
         return [("authorization", f"Bearer {value}".encode())]
     return [(auth.header_name, value.encode())]
@@ -25,5 +34,11 @@ def auth_header_dict(auth: AuthSpec, credential: Credential | None) -> dict[str,
 
 
 def headers_to_remove(auth: AuthSpec) -> list[str]:
-    """Client credential headers to strip; the provider's own header is overwritten instead."""
-    return [h for h in CLIENT_CREDENTIAL_HEADERS if h != auth.header_name]
+    """Client credential headers to strip, the provider's own header included.
+
+    Envoy applies an ext_proc header mutation's removals before its sets, so the injected
+    credential survives; and when no credential could be read (a missing Secret) the client's
+    own value of the provider's header is removed rather than passed on.
+    """
+    own = [auth.header_name] if auth.header_name and auth.header_name not in CLIENT_CREDENTIAL_HEADERS else []
+    return [*CLIENT_CREDENTIAL_HEADERS, *own]

@@ -37,11 +37,34 @@ class Credential:
     __str__ = __repr__
 
 
+def read_secret_file(path: str) -> tuple[str, str | None]:
+    """The file's value ("" when missing or unusable) and what is wrong with it, if anything.
+
+    Never raises with the content: a UnicodeDecodeError's repr carries every byte of the file,
+    so the bytes are decoded here and a bad file is described without them.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return "", None
+    except OSError as exc:
+        return "", f"unreadable: {exc.strerror}"
+    try:
+        value = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "", "not UTF-8 text"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "", "contains a control character (a newline would split the auth header)"
+    return value, None
+
+
 class CredentialStore:
     def __init__(self, secrets_dir: str = DEFAULT_SECRETS_DIR, poll_interval: float = 1.0) -> None:
         self.secrets_dir = secrets_dir
         self.poll_interval = poll_interval
         self._files: dict[str, Credential | None] = {}
+        self._bad: set[str] = set()  # files already reported as unusable
         self._task: asyncio.Task[None] | None = None
 
     def path_for(self, auth: AuthSpec) -> str | None:
@@ -69,11 +92,13 @@ class CredentialStore:
 
     def _refresh_sync(self) -> None:
         for path in list(self._files):
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    value = fh.read().strip()
-            except OSError:
-                value = ""
+            value, problem = read_secret_file(path)
+            if problem is not None and path not in self._bad:
+                log.warning("credential file ignored", extra={"secret_file": path, "problem": problem})
+            if problem is None:
+                self._bad.discard(path)
+            else:
+                self._bad.add(path)
             previous = self._files.get(path)
             if value and (previous is None or previous.reveal() != value):
                 log.info("credential loaded", extra={"secret_file": path})

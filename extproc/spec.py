@@ -190,11 +190,16 @@ class _Reader:
             raise self.fail(path, f"must be an object, got {_kind(value)}")
         return value
 
-    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None, hint: str = "") -> str:
+    def string(
+        self, value: Any, path: str, pattern: re.Pattern[str] | None = None, hint: str = "", echo: bool = True
+    ) -> str:
+        """``echo=False`` for fields where a pasted secret value is a likely mistake (``auth.env``,
+        ``secretName``, ``key``): the error then describes the value without repeating it."""
         if not isinstance(value, str) or not value:
             raise self.fail(path, f"must be a non-empty string, got {_kind(value)}")
         if pattern is not None and not pattern.match(value):
-            raise self.fail(path, f"{value!r} is not valid{': ' + hint if hint else ''}")
+            shown = repr(value) if echo else f"the value ({len(value)} characters, not shown)"
+            raise self.fail(path, f"{shown} is not valid{': ' + hint if hint else ''}")
         return value
 
     def integer(self, value: Any, path: str, minimum: int, maximum: int | None = None) -> int:
@@ -251,7 +256,8 @@ def _parse_url(r: _Reader, value: Any, path: str) -> str:
     url = r.string(value, path)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise r.fail(path, f"{url!r} must be an absolute http(s) URL with a host")
+        # Not repeated: a URL with a credential in it (or a key pasted here) must not reach a log.
+        raise r.fail(path, f"must be an absolute http(s) URL with a host (got scheme {parts.scheme[:10]!r})")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise r.fail(path, "must not carry a query, fragment or user info (credentials belong in a Secret)")
     return url
@@ -270,10 +276,11 @@ def _parse_auth(r: _Reader, value: Any, path: str) -> AuthSpec:
         secret_name = r.string(
             m.get("secretName"), f"{path}.secretName", _DNS_SUBDOMAIN,
             "a Secret name in the CR's own namespace (cross-namespace references are not allowed)",
+            echo=False,
         )
-        key = r.string(m.get("key"), f"{path}.key", _SECRET_KEY, "a Secret data key")
+        key = r.string(m.get("key"), f"{path}.key", _SECRET_KEY, "a Secret data key", echo=False)
     if "env" in m:
-        env = r.string(m.get("env"), f"{path}.env", _ENV_NAME, "an environment variable name")
+        env = r.string(m.get("env"), f"{path}.env", _ENV_NAME, "an environment variable name", echo=False)
     if secret_name is None and env is None:
         raise r.fail(path, "needs a credential source: secretName and key, or env")
     return AuthSpec(type=auth_type, header=header, secret_name=secret_name, key=key, env=env)
@@ -485,7 +492,11 @@ def load_text(text: str) -> tuple[HolySheepConfig, ...]:
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
-        raise ConfigError("config", "", f"not valid YAML: {exc}") from None
+        # Position and problem only: str(exc) quotes the offending line, which could hold a key.
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError("config", "", f"not valid YAML{at}: {problem}") from None
     return parse_documents(docs)
 
 
