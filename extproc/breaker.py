@@ -7,11 +7,15 @@ others, and no cross-process lock sits on the hot path.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from enum import IntEnum
 
 from extproc import metrics
 from extproc.spec import CircuitBreakerSpec
+
+log = logging.getLogger(__name__)
 
 
 class State(IntEnum):
@@ -44,6 +48,10 @@ class CircuitBreaker:
         if state is not self._state:
             self._state = state
             self._gauge.set(state)
+            # Exact wall-clock transitions (the chaos run's circuit timeline; a scrape misses a
+            # half-open trial that fails within milliseconds).
+            log.info("circuit state changed",
+                     extra={"provider": self.provider, "state": state.name, "t": time.time(), "pid": os.getpid()})
 
     def available(self) -> bool:
         """May a request be sent now? Does not reserve the half-open trial."""
@@ -82,5 +90,8 @@ class CircuitBreaker:
             self._set(State.OPEN)
 
     def set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            log.info("provider availability changed",
+                     extra={"provider": self.provider, "healthy": healthy, "t": time.time(), "pid": os.getpid()})
         self.healthy = healthy
         metrics.PROVIDER_HEALTHY.labels(self.provider).set(1 if healthy else 0)

@@ -81,6 +81,7 @@ class MemoryCache:
         self.bytes += size
         while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._data)))
+        metrics.CACHE_ENTRIES.set(len(self._data))
 
     def _drop(self, key: str) -> None:
         _, value = self._data.pop(key)

@@ -42,6 +42,10 @@ PROVIDER_HEALTHY = Gauge(
 CACHE_EVENTS = Counter(
     "holysheep_cache_events", "Response cache events: hit, miss, store, fallback, error.", ["event"],
 )
+CACHE_ENTRIES = Gauge(
+    "holysheep_cache_entries", "Entries in the in-process memory tier of the response cache (bounded by maxEntries).",
+    multiprocess_mode="max",
+)
 WORKLOAD_REQUESTS = Counter(
     "holysheep_workload_requests", "Requests per calling workload, when the mesh identifies it.",
     ["workload_namespace", "workload"],
