@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from extproc.credentials import Credential
 from extproc.spec import AuthSpec
@@ -33,12 +34,16 @@ def auth_header_dict(auth: AuthSpec, credential: Credential | None) -> dict[str,
     return {k: v.decode() for k, v in auth_headers(auth, credential)}
 
 
-def headers_to_remove(auth: AuthSpec) -> list[str]:
-    """Client credential headers to strip, the provider's own header included.
+def headers_to_remove(auth: AuthSpec, also: Iterable[str] = ()) -> list[str]:
+    """Client credential headers to strip: the well-known ones, the provider's own and ``also``
+    (the custom headers other configured providers use).
 
     Envoy applies an ext_proc header mutation's removals before its sets, so the injected
     credential survives; and when no credential could be read (a missing Secret) the client's
     own value of the provider's header is removed rather than passed on.
     """
-    own = [auth.header_name] if auth.header_name and auth.header_name not in CLIENT_CREDENTIAL_HEADERS else []
-    return [*CLIENT_CREDENTIAL_HEADERS, *own]
+    names = list(CLIENT_CREDENTIAL_HEADERS)
+    for name in (auth.header_name, *also):
+        if name and name not in names:
+            names.append(name)
+    return names

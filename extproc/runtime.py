@@ -62,6 +62,9 @@ class Runtime:
         self.pricing: dict[str, Pricing] = {}
         self.by_authority: dict[str, Provider] = {}
         old_caches: dict[CacheSpec, ResponseCache] = {c.spec: c for c in previous.caches.values()} if previous else {}
+        # Every header any configured provider takes a credential in: a client's value of one is
+        # stripped before a request goes to any provider, not only to the provider that uses it.
+        credential_headers = sorted({p.auth.header_name for cfg in self.configs for p in cfg.providers})
         for cfg in self.configs:
             key = f"{cfg.namespace}/{cfg.name}"
             self.caches[key] = old_caches.pop(cfg.cache) if cfg.cache in old_caches else ResponseCache(cfg.cache)
@@ -74,7 +77,7 @@ class Runtime:
                     breaker.trial_timeout = timeout
                 else:
                     breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, trial_timeout=timeout)
-                provider = Provider(spec, cfg, breaker, timeout, headers_to_remove(spec.auth))
+                provider = Provider(spec, cfg, breaker, timeout, headers_to_remove(spec.auth, credential_headers))
                 self.providers[spec.name] = provider
                 self.by_authority.setdefault(spec.authority, provider)
         self.retired_caches = list(old_caches.values())
