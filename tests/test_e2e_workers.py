@@ -8,7 +8,7 @@ import time
 import pytest
 
 from extproc.mock_provider import MockProvider
-from tests.harness import Stack, running
+from tests.harness import Stack, running, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -60,8 +60,31 @@ def test_fail_closed_when_every_ext_proc_is_gone() -> None:
         for i in range(10):  # one of two processors left: no client failure
             assert s.chat("m", content=f"one-left-{i}").status_code == 200
         s.extprocs[1].stop()
-        before = s.mocks["wa"].total + s.mocks["wb"].total
+        mocks = list(s.mocks.values())
+        before = sum(m.total for m in mocks)
         time.sleep(0.2)
-        resp = s.chat("m", headers={"authorization": "Bearer app-key"})
-        assert resp.status_code >= 500
-        assert s.mocks["wa"].total + s.mocks["wb"].total == before, "no unauthenticated request may go out"
+        # Every kind of request a client can make, each carrying the app's own credential.
+        app_key = {"authorization": "Bearer app-key", "x-api-key": "app-key"}
+        attempts = [
+            s.chat("m", headers=app_key),
+            s.chat("m", headers=app_key, stream=True),
+            s.client.get("/v1/models", headers={**app_key, "host": f"127.0.0.1:{s.mocks['wa'].port}"}),
+            s.client.post("/v1/embeddings", json={"model": "m", "input": "x"}, headers=app_key),
+        ]
+        for resp in attempts:
+            # A clear 5xx from Envoy itself (failure_mode_allow: false): no provider answered.
+            assert resp.status_code == 500, (resp.status_code, resp.text[:200])
+            assert "x-holysheep-provider" not in resp.headers
+            assert resp.headers.get("server") == "envoy"
+        assert sum(m.total for m in mocks) == before, "no unauthenticated request may go out"
+        assert all(m.auth_failures == 0 for m in mocks)
+        # A processor back: requests flow again, with the mesh's key and not the app's.
+        s.extprocs[0].start()
+        restarted = time.monotonic()
+        wait_until(lambda: s.chat("m", headers=app_key).status_code == 200, timeout=20, what="recovery")
+        assert time.monotonic() - restarted < 20
+        assert sum(m.auth_failures for m in mocks) == 0  # nothing went out bare while it came back
+        resp = s.chat("m", headers=app_key)
+        assert resp.status_code == 200 and resp.headers["x-holysheep-provider"] == "wa"
+        seen = s.mocks["wa"].last_request
+        assert seen is not None and seen.credential == KEYS["wa"] and "app-key" not in str(seen.headers)
