@@ -25,8 +25,11 @@ import asyncio
 import json
 import os
 import platform
+import select
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 
 from bench.chaos_load import OpenLoopLoad, Result, summarize
 from bench.chaos_observe import (
@@ -119,20 +123,103 @@ def _key(ep: int) -> str:
 SECONDARY_KEY = "sk-chaos-secondary"
 
 
+@dataclass(slots=True)
+class UpstreamRecord:
+    """One request a mock provider received (from its /_mock/stats)."""
+
+    seq: int
+    time: float
+    path: str
+    credential: str | None
+    chaos_id: str | None
+    status: int | None
+
+
+class MockProcess:
+    """A mock provider in its own process (``python -m extproc.mock_provider``), driven over HTTP.
+
+    Its own interpreter, so the load generator's event loop and GIL never slow the upstream
+    down (which would turn CPU contention into provider timeouts). ``placeholder`` is what the
+    harness's Stack renders into the config (name, port, prefix) and does not start.
+    """
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.placeholder = MockProvider(name)
+        self.control = ""
+        self.records: dict[int, UpstreamRecord] = {}
+        self._seen_total = 0
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "extproc.mock_provider", "--name", self.name, "--control-port", "0"],
+            stdout=subprocess.PIPE, stderr=log, cwd=str(REPO), start_new_session=True,
+        )
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline and not line.startswith(b"READY"):
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or self.proc.poll() is not None:
+                break
+            line = self.proc.stdout.readline()
+        fields = dict(f.split("=", 1) for f in line.decode().split()[1:] if "=" in f)
+        if "port" not in fields:
+            self.stop()
+            raise RuntimeError(f"mock {self.name} did not start")
+        self.placeholder.port = int(fields["port"])
+        self.control = f"http://127.0.0.1:{fields['control_port']}"
+
+    def fault(self, mode: str) -> None:
+        if mode == "ok":
+            httpx.post(self.control + "/_mock/recover", timeout=10).raise_for_status()
+        else:
+            httpx.post(self.control + "/_mock/fault", json={"mode": mode}, timeout=10).raise_for_status()
+
+    def collect(self) -> None:
+        """Fetch the requests received since the last call (the mock keeps the last 10,000)."""
+        total = int(httpx.get(self.control + "/_mock/stats", params={"limit": 0}, timeout=10).json()["total"])
+        new = total - self._seen_total
+        if new <= 0:
+            return
+        stats = httpx.get(self.control + "/_mock/stats", params={"limit": new + 100}, timeout=30).json()
+        for r in stats["requests"]:
+            self.records[r["seq"]] = UpstreamRecord(r["seq"], r["time"], r["path"], r["credential"],
+                                                    r["headers"].get("x-chaos-id"), r["status"])
+        self._seen_total = total
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Rig:
     """Envoy + two ext_procs + primary/secondary mocks + redis-server (blocking calls)."""
 
-    def __init__(self, settings: ChaosSettings, max_log: int = 200_000) -> None:
+    def __init__(self, settings: ChaosSettings) -> None:
         self.settings = settings
         self.redis = RedisServer()
-        self.primary = MockProvider("primary", max_log=max_log)
-        self.secondary = MockProvider("secondary", max_log=max_log)
+        self.workdir = Path(tempfile.mkdtemp(prefix="holysheep-chaos-"))
+        self.primary = MockProcess("primary", self.workdir / "mock-primary.log")
+        self.secondary = MockProcess("secondary", self.workdir / "mock-secondary.log")
         self.stack = Stack(
-            settings.config(self.redis.url), {"primary": self.primary, "secondary": self.secondary},
+            settings.config(self.redis.url),
+            {"primary": self.primary.placeholder, "secondary": self.secondary.placeholder},
             env={"CHAOS_PRIMARY_KEY": _key(0), "CHAOS_SECONDARY_KEY": SECONDARY_KEY}, extproc_count=2,
         )
 
     def start(self) -> None:
+        self.primary.start()
+        self.secondary.start()
         self.redis.start()
         self.stack.start()
         # Second ext_proc with its own primary key, so the primary can tell who routed a request.
@@ -164,6 +251,8 @@ class Rig:
             self.stack.stop()
         finally:
             self.redis.kill()
+            self.primary.stop()
+            self.secondary.stop()
 
 
 # ---- circuit timeline ------------------------------------------------------------------------
@@ -277,12 +366,10 @@ class ChaosRun:
         if remaining > 0:
             await asyncio.sleep(remaining)
         phase.t_end = time.time()
+        await asyncio.to_thread(self.rig.primary.collect)
 
     async def _fault(self, mode: str) -> None:
-        if mode == "ok":
-            await asyncio.to_thread(self.rig.primary.recover_sync)
-        else:
-            await asyncio.to_thread(self.rig.primary.set_fault_sync, mode)
+        await asyncio.to_thread(self.rig.primary.fault, mode)
 
     async def run(self) -> dict[str, Any]:
         await asyncio.to_thread(self.rig.start)
@@ -417,6 +504,7 @@ class ChaosRun:
             await asyncio.gather(load_task, watch_task, return_exceptions=True)
             await session.close()
             await redis_client.aclose()
+            await asyncio.to_thread(rig.primary.collect)
         return self._report(t_run)
 
     def _report(self, t_run: float) -> dict[str, Any]:
@@ -425,13 +513,15 @@ class ChaosRun:
         timelines = [read_timeline(ep.log_path or Path("/nonexistent"), self.resets[i])
                      for i, ep in enumerate(rig.stack.extprocs)]
         keys = {_key(i): i for i in range(len(timelines))}
-        primary_reqs = [r for r in list(rig.primary.requests)
-                        if not r.path.endswith("/models") and r.time >= t_run]
+        primary_reqs = sorted((r for r in rig.primary.records.values()
+                               if not r.path.endswith("/models") and r.time >= t_run), key=lambda r: r.time)
         unknown_cred = sum(1 for r in primary_reqs if r.credential not in keys)
         rows: list[dict[str, Any]] = []
         for idx, ph in enumerate(self.phases):
             t_next = self.phases[idx + 1].t_start if idx + 1 < len(self.phases) else float("inf")
-            in_phase = [r for r in results if ph.t_start <= r.t_send < t_next]
+            # A request belongs to the phase in which it completed: a failure shows when it ends
+            # (requests in flight on an ext_proc that is killed were sent before the kill).
+            in_phase = [r for r in results if ph.t_start <= r.t_done < t_next]
             at_primary = [r for r in primary_reqs if ph.t_start <= r.time < t_next]
             to_open = [r for r in at_primary if r.credential in keys
                        and timelines[keys[r.credential]].unavailable_throughout(r.time - s.grace, r.time)]
@@ -457,7 +547,7 @@ class ChaosRun:
                 "primary_requests": len(at_primary),
                 "primary_requests_while_open": len(to_open),
                 "while_open_detail": [{"t": round(r.time - t_run, 4), "ep": keys[r.credential or ""],
-                                       "chaos_id": r.headers.get("x-chaos-id"), "status": r.status}
+                                       "chaos_id": r.chaos_id, "status": r.status}
                                       for r in to_open[:20]],
                 "failure_detail": [{"seq": r.seq, "t_send": round(r.t_send - t_run, 4), "error": r.error,
                                     "status": r.status, "latency_ms": round(r.latency_ms, 1)}
@@ -482,7 +572,7 @@ class ChaosRun:
 
 
 async def run_soak(settings: ChaosSettings, seconds: float, sample_every: float = 5.0) -> dict[str, Any]:
-    rig = Rig(settings, max_log=1000)
+    rig = Rig(settings)
     await asyncio.to_thread(rig.start)
     try:
         return await _soak(rig, settings, seconds, sample_every)

@@ -90,6 +90,7 @@ class MemoryCache:
 
 class ResponseCache:
     REDIS_BACKOFF = 2.0
+    REDIS_MAX_CONNECTIONS = 16
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
@@ -102,9 +103,14 @@ class ResponseCache:
         if spec.redis_url:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.from_url(
-                spec.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25, retry_on_timeout=False
+            # A bounded pool: redis-py's default pool opens one more connection for every concurrent
+            # command and keeps it, so a burst (or a stalled loop) left dozens of idle sockets per
+            # process on the shared Redis. Writes are off the hot path and may wait for a slot.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                spec.redis_url, max_connections=self.REDIS_MAX_CONNECTIONS, timeout=1.0,
+                socket_timeout=0.25, socket_connect_timeout=0.25, retry_on_timeout=False,
             )
+            self._redis = aioredis.Redis.from_pool(pool)
 
     @property
     def enabled(self) -> bool:

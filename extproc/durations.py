@@ -24,3 +24,14 @@ def format_duration(seconds: float) -> str:
     if ms % 1000:
         return f"{ms}ms"
     return f"{ms // 1000}s"
+
+
+def proto_duration(seconds: float) -> str:
+    """Envoy's protobuf-JSON Duration: seconds with an ``s`` suffix and up to 3 decimals (``0.5s``).
+
+    Envoy's JSON parser rejects Go-style units (``500ms``): a bootstrap or EnvoyFilter value with
+    a sub-second (or fractional) timeout rendered by format_duration failed to load.
+    """
+    ms = round(seconds * 1000)
+    whole, frac = divmod(ms, 1000)
+    return f"{whole}.{frac:03d}".rstrip("0").rstrip(".") + "s" if frac else f"{whole}s"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.durations import format_duration
+from extproc.durations import proto_duration
 from extproc.spec import HolySheepConfig, ProviderSpec
 from protos.filter_config import ext_proc_filter, ext_proc_per_route, message_timeout_for
 
@@ -73,7 +73,7 @@ def _provider_cluster(provider: ProviderSpec, connect_timeout: float) -> dict[st
     cluster: dict[str, Any] = {
         "name": _cluster_name(provider),
         "type": "STATIC" if _is_ip(provider.host) else "STRICT_DNS",
-        "connect_timeout": format_duration(min(connect_timeout, 5.0)),
+        "connect_timeout": proto_duration(min(connect_timeout, 5.0)),
         "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
         "load_assignment": {
             "cluster_name": _cluster_name(provider),
@@ -108,7 +108,7 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
                 "typed_per_filter_config": per_route,
                 "routes": [{
                     "match": {"prefix": "/"},
-                    "route": {"cluster": _cluster_name(provider), "timeout": format_duration(timeout)},
+                    "route": {"cluster": _cluster_name(provider), "timeout": proto_duration(timeout)},
                 }],
             })
     for i, extra in enumerate(options.passthrough):

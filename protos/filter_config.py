@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.durations import format_duration
+from extproc.durations import proto_duration
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -60,8 +60,8 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
         },
         # Fail closed: with no processor there is no credential, so a request must not go out.
         "failure_mode_allow": False,
-        "message_timeout": format_duration(message_timeout),
-        "max_message_timeout": format_duration(max(message_timeout, 1.0)),
+        "message_timeout": proto_duration(message_timeout),
+        "max_message_timeout": proto_duration(max(message_timeout, 1.0)),
         "allow_mode_override": True,
         "processing_mode": dict(PROCESSING_MODE),
         "request_attributes": list(REQUEST_ATTRIBUTES),
