@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Stack
+from tests.harness import GUARDS, Stack, guard_summary
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +20,8 @@ def leak_guard() -> Iterator[None]:
     yield
     for stack in list(Stack.live):
         stack.check_leaks()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if GUARDS:
+        terminalreporter.write_line(guard_summary())

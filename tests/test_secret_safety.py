@@ -324,6 +324,7 @@ def test_leak_guard_catches_a_key_in_any_log_in_any_encoding(safety: Stack) -> N
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as fh:
             fh.write(line)
+        safety.guard.planted += 1
         with pytest.raises(LeakError) as exc:
             safety.check_leaks()
         assert str(path) in str(exc.value) and encoding in str(exc.value)
@@ -338,6 +339,7 @@ def test_leak_guard_catches_a_key_in_a_response(safety: Stack) -> None:
     mock.reply = "your key is " + SAFETY_KEYS["apikey"]  # a provider echoing the credential
     try:
         assert safety.chat("m-apikey").status_code == 200
+        safety.guard.planted += 1
         with pytest.raises(LeakError, match=r"stack\.client response to POST /v1/chat/completions"):
             safety.check_leaks()
     finally:
@@ -354,6 +356,7 @@ def test_leak_guard_stop_runs_a_final_check() -> None:
     assert stack in Stack.live and "sk-solo-final-0042" in stack.guard.keys
     assert stack.chat("anything").status_code == 200
     (stack.workdir / "late.log").write_text("shutting down with sk-solo-final-0042\n")
+    stack.guard.planted += 1
     with pytest.raises(LeakError, match=r"late\.log"):
         stack.stop()
     assert stack not in Stack.live
