@@ -78,6 +78,14 @@ def classify_path(path: str) -> Endpoint:
     raise UnsupportedEndpoint(bare)
 
 
+def is_ai_endpoint(path: str) -> bool:
+    try:
+        classify_path(path)
+    except UnsupportedEndpoint:
+        return False
+    return True
+
+
 def bodyless_suffix(path: str, base_path: str = "") -> str:
     """For GET /v1/models and friends: the path after the client's version prefix."""
     bare, sep, query = path.partition("?")

@@ -25,6 +25,7 @@ from extproc.api import (
     bodyless_suffix,
     classify_path,
     encode_with_model,
+    is_ai_endpoint,
     parse_body,
 )
 from extproc.attributes import RequestInfo, request_info
@@ -34,6 +35,7 @@ from extproc.errors import (
     BodyTooLarge,
     ClientError,
     InternalError,
+    MissingModel,
     NoProviderAvailable,
     NotConfigured,
     UnknownModel,
@@ -182,6 +184,9 @@ class RequestProcessor:
         self.info = request_info(req, self.rt.tenant_header)
         if not req.request_headers.end_of_stream:
             return m.CONTINUE_REQUEST_HEADERS  # the body's answer carries the mutations
+        if self.info.method == "POST" and is_ai_endpoint(self.info.path):
+            # No body phase will follow: answer here what the body phase would have.
+            return self._error(MissingModel("The request has no body; a JSON object with a model is required"))
         host = self.info.host
         provider = self.rt.by_authority.get(host) or self.rt.by_authority.get(host.partition(":")[0])
         if provider is None:

@@ -49,9 +49,10 @@ def runtime(tmp_path: Path) -> Runtime:
     return Runtime(load_text(CONFIG), CredentialStore(str(tmp_path)))
 
 
-def _headers(path: bytes, end_of_stream: bool = False) -> pb.ProcessingRequest:
+def _headers(path: bytes, end_of_stream: bool = False, method: bytes | None = None) -> pb.ProcessingRequest:
+    method = method or (b"GET" if end_of_stream else b"POST")
     return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
-        base_pb2.HeaderValue(key=":method", raw_value=b"GET" if end_of_stream else b"POST"),
+        base_pb2.HeaderValue(key=":method", raw_value=method),
         base_pb2.HeaderValue(key=":path", raw_value=path),
         base_pb2.HeaderValue(key=":authority", raw_value=b"only.invalid"),
     ]), end_of_stream=end_of_stream))
@@ -100,3 +101,15 @@ def test_lone_surrogate_model_is_rejected_and_metrics_still_render(runtime: Runt
     assert resp.immediate_response.status.code == 400, resp
     assert json.loads(resp.immediate_response.body)["error"]["code"] == "invalid_json"
     generate_latest(REGISTRY)
+
+
+def test_bodyless_post_to_an_ai_endpoint_is_model_required(runtime: Runtime) -> None:
+    # Was (through Envoy): no body phase follows a bodyless POST, so the request fell through to
+    # the catch-all route's 404 unknown_endpoint instead of 400 model_required.
+    proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
+    resp = proc.on_request_headers(_headers(b"/v1/chat/completions", end_of_stream=True, method=b"POST"))
+    assert resp.immediate_response.status.code == 400, resp
+    assert json.loads(resp.immediate_response.body)["error"]["code"] == "model_required"
+    proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
+    routed = proc.on_request_headers(_headers(b"/v1/models", end_of_stream=True, method=b"POST"))
+    assert routed.WhichOneof("response") == "request_headers"

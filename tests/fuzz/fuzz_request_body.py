@@ -505,6 +505,10 @@ def drive(case: Case) -> str:
     proc = RequestProcessor(runtime, NO_NETWORK, _spawn)
     first = proc.on_request_headers(headers_request(case))
     if case.bodyless:
+        headers = case.header_map()
+        if headers[":method"] == b"POST" and expected_suffix(headers.get(":path", b"/").decode("latin-1")):
+            check_error(first, 400, "model_required")  # no body phase follows: answered now
+            return "bodyless-post-400"
         # GET /models and friends: routed by :authority; an unknown host is not ours to touch.
         kind = first.WhichOneof("response")
         assert kind == "request_headers", first
