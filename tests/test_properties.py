@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from extproc.api import parse_body
 from extproc.errors import ClientError
 from extproc.routing import RouteTable
-from extproc.spec import ConfigError, parse_document
+from extproc.spec import ConfigError, load_text, parse_document
 from extproc.sse import SSEAssembler
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -108,3 +108,111 @@ def test_route_matching_prefers_exact_then_first_glob(route_models: list[list[st
     globs = [r for r in cfg.routes if any("*" in p and fnmatch.fnmatchcase(model, p) for p in r.models)]
     expected = exact[0] if exact else (globs[0] if globs else None)
     assert (found.route if found else None) == expected
+
+
+# --- extensions: arbitrary bytes for the SSE assembler, mutated real documents for the parser ----
+
+@FAST
+@given(st.binary(max_size=400), st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_sse_any_bytes_any_split_gives_the_same_result(stream: bytes, cuts: list[int]) -> None:
+    """Not only well-formed streams: whatever a provider sends, the split must not matter."""
+    stream = stream.replace(b"x", b"\n").replace(b"y", b"\r").replace(b"z", b"data:")  # dense in separators
+    whole = SSEAssembler()
+    whole.feed(stream)
+    split = SSEAssembler()
+    prev = 0
+    for point in [*sorted({min(c, len(stream)) for c in cuts}), len(stream)]:
+        split.feed(stream[prev:point])
+        prev = point
+    assert split.events == whole.events
+    assert split.complete == whole.complete
+
+
+VALID_SPEC: dict[str, Any] = {
+    "timeout": "30s", "maxRetries": 2,
+    "circuitBreaker": {"enabled": True, "failureThreshold": 5, "resetTimeout": "60s"},
+    "healthCheck": {"interval": "10s", "endpoint": "/models"},
+    "providers": [
+        {"name": "a", "baseUrl": "https://a.example.com/v1",
+         "auth": {"type": "Bearer", "secretName": "a-creds", "key": "api-key"}, "timeout": "5s"},
+        {"name": "b", "baseUrl": "https://b.example.com/v1",
+         "auth": {"type": "Header", "header": "x-b-key", "env": "B_KEY"}},
+    ],
+    "routes": [{"models": ["gpt-*", "exact"], "backends": [
+        {"provider": "a", "priority": 0, "weight": 2}, {"provider": "b", "model": "other", "priority": 1}]}],
+    "cache": {"mode": "Fallback", "ttl": "24h", "maxEntryBytes": 1024, "maxEntries": 10,
+              "tenantHeader": "x-tenant"},
+    "pricing": [{"model": "gpt-*", "inputPerMillion": 0.15, "outputPerMillion": 0.6}],
+    "workloadSelector": {"matchLabels": {"app": "x"}},
+}
+
+
+def _paths(node: Any, path: str = "") -> list[str]:
+    out = [path] if path else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _paths(value, f"{path}[{i}]")
+    return out
+
+
+SPEC_PATHS = _paths(VALID_SPEC)
+
+
+def _set(doc: Any, path: str, value: Any, delete: bool = False) -> None:
+    import re
+
+    parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
+    for part in parts[:-1]:
+        doc = doc[part]
+    if delete and isinstance(doc, dict):
+        del doc[parts[-1]]
+    else:
+        doc[parts[-1]] = value
+
+
+def test_the_base_document_is_valid() -> None:
+    parse_document(_doc(VALID_SPEC))
+
+
+@FAST
+@given(st.sampled_from(SPEC_PATHS), st.sampled_from(["replace", "delete", "unknown-key"]), json_values,
+       st.text(alphabet="abcdefghijklmnopqrstuvwxyzXYZ", min_size=1, max_size=10))
+def test_config_parser_mutated_document_fails_with_its_field_path(
+        path: str, how: str, value: Any, unknown: str) -> None:
+    """Any one change to a valid document: it still parses, or a ConfigError names a field path
+    that is the changed field, an ancestor or a descendant of it, or a field that refers to it."""
+    spec = json.loads(json.dumps(VALID_SPEC))
+    if how == "unknown-key":
+        parent = spec
+        for part in path.replace("]", "").replace("[", ".").split("."):
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        if not isinstance(parent, dict) or path.endswith("matchLabels"):
+            return
+        parent[unknown] = value
+        if unknown in VALID_SPEC or any(p.endswith("." + unknown) for p in SPEC_PATHS):
+            return  # a real field name, not an unknown one
+    else:
+        _set(spec, path, value, delete=how == "delete")
+    try:
+        parse_document(_doc(spec))
+    except ConfigError as err:
+        assert str(err).startswith("document 0 (ns/p): spec"), str(err)
+        assert err.path.startswith("spec"), err.path
+        changed = "spec." + path
+        related = (err.path.startswith(changed) or changed.startswith(err.path)
+                   or ".provider" in err.path or "providers[" in err.path)  # references between fields
+        assert related, f"changed {changed} ({how}), error names {err.path}: {err}"
+        if how == "unknown-key":
+            assert unknown in str(err), str(err)
+
+
+@FAST
+@given(st.text(max_size=300))
+def test_config_loader_any_text_is_valid_or_a_config_error(text: str) -> None:
+    try:
+        load_text(text)
+    except ConfigError as err:
+        assert str(err).startswith(("config", "document")), str(err)
