@@ -292,6 +292,13 @@ class Timeline:
                 return te
         return None
 
+    def first_opening_from(self, t0: float, t1: float) -> float | None:
+        """First fresh opening in [t0, t1): the circuit going OPEN or the health check failing."""
+        for te, st, h in self.events:
+            if t0 <= te < t1 and (st == "OPEN" or h is False):
+                return te
+        return None
+
     def first_available_from(self, t0: float, t1: float) -> float | None:
         if not self.unavailable_at(t0):
             return t0
@@ -332,6 +339,7 @@ class Phase:
     what: str
     t_start: float
     t_end: float = 0.0
+    t_fault: float = 0.0  # when the fault took effect, if later than t_start (the SIGKILL)
     detect_s: float | None = None
     detect_what: str = ""
     recover_s: float | None = None
@@ -450,7 +458,8 @@ class ChaosRun:
 
             async def ep_kill(phase: Phase) -> None:
                 await asyncio.to_thread(victim.stop, signal.SIGKILL)
-                self.resets[1].append(time.time())
+                phase.t_fault = time.time()
+                self.resets[1].append(phase.t_fault)
 
                 async def ejected() -> bool:
                     return "healthy" not in (await hosts()).get(victim.grpc_port, "healthy")
@@ -526,12 +535,20 @@ class ChaosRun:
             to_open = [r for r in at_primary if r.credential in keys
                        and timelines[keys[r.credential]].unavailable_throughout(r.time - s.grace, r.time)]
             if ph.name.startswith("primary-") and ph.name != "primary-recover":
-                firsts = [tl.first_unavailable_from(ph.t_start, t_next) for tl in timelines]
-                if all(f is not None for f in firsts):
-                    ph.detect_s = max(f for f in firsts if f is not None) - ph.t_start
-                    ph.detect_what = "primary open/unhealthy in every ext_proc"
-                    if ph.detect_s == 0:
-                        ph.notes.append("already open from the previous fault")
+                # Detected when every ext_proc has opened the circuit (or failed the health
+                # check) anew since the fault began; an ext_proc that kept it open throughout
+                # (the previous fault's opening) counts as detected at once.
+                firsts: list[float] = []
+                for tl in timelines:
+                    fresh = tl.first_opening_from(ph.t_start, t_next)
+                    if fresh is not None:
+                        firsts.append(fresh)
+                    elif tl.unavailable_throughout(ph.t_start, t_next):
+                        firsts.append(ph.t_start)
+                        ph.notes.append("an ext_proc kept the circuit open from the previous fault")
+                if len(firsts) == len(timelines):
+                    ph.detect_s = max(firsts) - ph.t_start
+                    ph.detect_what = "primary opened/unhealthy anew in every ext_proc"
             if ph.name == "primary-recover":
                 avail = [tl.first_available_from(ph.t_start, t_next + 30) for tl in timelines]
                 served = next((r.t_done for r in results if r.t_send >= ph.t_start and r.provider == "primary"
@@ -540,8 +557,11 @@ class ChaosRun:
                     ph.recover_s = max([*(a for a in avail if a is not None), served]) - ph.t_start
                     ph.recover_what = "primary available in every ext_proc and serving clients"
             summary = summarize(in_phase)
+            t_fault = ph.t_fault or ph.t_start
             rows.append({
-                **{k: v for k, v in asdict(ph).items() if k not in ("t_start", "t_end")},
+                **{k: v for k, v in asdict(ph).items() if k not in ("t_start", "t_end", "t_fault")},
+                # failures of requests sent before the fault took effect (in flight when it hit)
+                "failures_in_flight_at_fault": sum(1 for r in in_phase if r.failed and r.t_send < t_fault),
                 "t_start": round(ph.t_start - t_run, 3), "t_end": round(ph.t_end - t_run, 3),
                 **summary,
                 "primary_requests": len(at_primary),
@@ -679,7 +699,9 @@ def chaos_table(report: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for r in report["phases"]:
         answered = ", ".join(f"{k} {v}" for k, v in r["answered_by"].items())
-        lines.append(f"{r['name']:<16} {r['sent']:>6} {r['failures']:>5} {r['p99_ms']:>8.1f} "
+        fail = f"{r['failures']}" + (f" ({r['failures_in_flight_at_fault']} in flight)"
+                                      if r["failures_in_flight_at_fault"] else "")
+        lines.append(f"{r['name']:<16} {r['sent']:>6} {fail:>5} {r['p99_ms']:>8.1f} "
                      f"{_fmt(r['detect_s']):>9} {r['primary_requests_while_open']:>8} {_fmt(r['recover_s']):>10}"
                      f"  {answered}")
     t = report["totals"]
