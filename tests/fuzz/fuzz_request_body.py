@@ -43,12 +43,18 @@ exception is a crash: libFuzzer writes the input to ``crash-*`` and exits non-ze
 * Every error body is a JSON object ``{"error": {message, type, param, code}}`` with
   ``content-type: application/json``; no provider key appears in any error, and the other
   provider's key never appears in any answer.
-* The response phase never raises, and on a 200 asks for the streamed body with the
-  ``x-holysheep-provider`` header set.
+* A bodyless request: a POST to an AI endpoint is 400 ``model_required`` at once (no body phase
+  follows); anything else is routed by ``:authority`` with the provider's credential, or left
+  untouched when the host is not a provider's.
+* A ``model`` that is not valid Unicode (a lone surrogate escape) is 400 ``invalid_json``: it
+  would become a metric label.
+* The response phase never raises, on a 200 asks for the streamed body with the
+  ``x-holysheep-provider`` header set, and ``/metrics`` still renders afterwards.
 
 Run (from the repo root, with the test venv):
 
-    python -m tests.fuzz.fuzz_request_body -atheris_runs=100000
+    python -m tests.fuzz.fuzz_request_body -atheris_runs=1000
+    python -m tests.fuzz.fuzz_request_body -runs=120000 -print_final_stats=1
     python -m tests.fuzz.fuzz_request_body -max_total_time=600 -print_final_stats=1
     python -m tests.fuzz.fuzz_request_body -runs=1 crash-<sha1>      # replay one crash
 
