@@ -54,14 +54,26 @@ spec:
   timeout: 2s
   maxRetries: 1
   circuitBreaker: {enabled: true, failureThreshold: 2, resetTimeout: 2s}
-  healthCheck: {interval: 300ms, endpoint: /models}
   providers:
     - {name: brk, baseUrl: "{brk}", auth: {env: E2E_BRK_KEY}}
     - {name: brk2, baseUrl: "{brk2}", auth: {env: E2E_BRK2_KEY}}
+  routes:
+    - {models: [cb-model], backends: [{provider: brk}, {provider: brk2, priority: 1}]}
+  cache: {mode: "Off"}
+---
+# Health checks in their own document: a failing /models must not race the breaker tests above.
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {name: health, namespace: default}
+spec:
+  timeout: 2s
+  maxRetries: 1
+  circuitBreaker: {enabled: true, failureThreshold: 2, resetTimeout: 2s}
+  healthCheck: {interval: 300ms, endpoint: /models}
+  providers:
     - {name: hc, baseUrl: "{hc}", auth: {env: E2E_HC_KEY}}
     - {name: hc2, baseUrl: "{hc2}", auth: {env: E2E_HC2_KEY}}
   routes:
-    - {models: [cb-model], backends: [{provider: brk}, {provider: brk2, priority: 1}]}
     - {models: [hc-model], backends: [{provider: hc}, {provider: hc2, priority: 1}]}
   cache: {mode: "Off"}
 """
