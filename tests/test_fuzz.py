@@ -19,11 +19,11 @@ pytest.importorskip("atheris")
 pytestmark = pytest.mark.fuzz
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = 30_000
+RUNS = 20_000
 
 
 def test_request_body_fuzzer_bounded(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "tests.fuzz.fuzz_request_body", f"-runs={RUNS}", "-max_total_time=20",
+    cmd = [sys.executable, "-m", "tests.fuzz.fuzz_request_body", f"-runs={RUNS}", "-max_total_time=15",
            "-seed=1", "-print_final_stats=1", f"-artifact_prefix={tmp_path}/"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90, check=False)
     out = proc.stdout + proc.stderr
