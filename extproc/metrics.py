@@ -65,3 +65,19 @@ ERRORS = Counter(
 READY = Gauge("holysheep_extproc_ready", "1 when a valid config is loaded and gRPC is serving.",
               multiprocess_mode="min")
 CONFIG_RELOADS = Counter("holysheep_config_reloads", "Config reload attempts, by result.", ["result"])
+
+# Model names come from clients when a glob route passes them through unchanged, so each
+# process gives at most this many distinct names their own label value; later ones are counted
+# under the route's pattern (e.g. "gpt-*"), which keeps every series count bounded.
+MAX_MODEL_LABELS = 100
+_model_labels: set[str] = set()
+
+
+def model_label(model: str, pattern: str) -> str:
+    """The ``model`` label for a request whose model matched a route's `pattern`."""
+    if model == pattern or model in _model_labels:
+        return model
+    if len(_model_labels) < MAX_MODEL_LABELS:
+        _model_labels.add(model)
+        return model
+    return pattern

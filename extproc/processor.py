@@ -64,13 +64,16 @@ def is_failure(status: int) -> bool:
 class Attempt:
     """One backend chosen for this request, with the body it needs."""
 
-    __slots__ = ("backend", "body", "model", "provider")
+    __slots__ = ("backend", "body", "label", "model", "provider")
 
-    def __init__(self, provider: Provider, backend: BackendSpec, model: str, body: bytes | None) -> None:
+    def __init__(
+        self, provider: Provider, backend: BackendSpec, model: str, body: bytes | None, label: str = ""
+    ) -> None:
         self.provider = provider
         self.backend = backend
         self.model = model
         self.body = body  # None: the client's body is sent unchanged
+        self.label = label  # the metrics' model label: always a name or glob from the config
 
 
 class RequestProcessor:
@@ -115,7 +118,7 @@ class RequestProcessor:
         if match is None:
             raise UnknownModel(self.parsed.model)
         self.config = match.config
-        self._plan(order_backends(match.route.backends))
+        self._plan(order_backends(match.route.backends), match.pattern)
         if self._cache().spec.mode == "Always":
             return None  # resolved asynchronously: the cache may answer before any provider
         return self._first_attempt()  # None when no backend can be tried: resolve() falls back
@@ -134,7 +137,7 @@ class RequestProcessor:
         except ClientError as err:
             return self._error(err)
 
-    def _plan(self, backends: list[BackendSpec]) -> None:
+    def _plan(self, backends: list[BackendSpec], pattern: str) -> None:
         assert self.rt is not None and self.parsed is not None and self.config is not None
         budget = self.config.max_retries + 1
         plan: list[Attempt] = []
@@ -146,7 +149,8 @@ class RequestProcessor:
             if len(plan) < budget:
                 model = backend.model or self.parsed.model
                 body = encode_with_model(self.parsed, model) if backend.model else None
-                plan.append(Attempt(provider, backend, model, body))
+                label = backend.model or metrics.model_label(self.parsed.model, pattern)
+                plan.append(Attempt(provider, backend, model, body, label))
         self.pending = plan
 
     def _next_attempt(self) -> Attempt | None:
@@ -220,13 +224,13 @@ class RequestProcessor:
         metrics.UPSTREAM_LATENCY.labels(provider.name).observe(time.monotonic() - self.started)
         if is_failure(status):
             provider.breaker.record_failure()
-            metrics.REQUESTS.labels(provider.name, attempt.model, str(status)).inc()
+            metrics.REQUESTS.labels(provider.name, attempt.label, str(status)).inc()
             if self.parsed is None:  # bodyless call: nothing to fail over with
                 return m.response_headers_response([(PROVIDER_HEADER, provider.name.encode())])
             return None
         provider.breaker.record_success()
         self.answered = True
-        self._count_request(provider, attempt.model, status)
+        self._count_request(provider, attempt.label, status)
         # Only now is the body worth asking for: usage and the cache need a successful answer.
         mode = m.STREAMED_RESPONSE if self.parsed is not None else None
         return m.response_headers_response([(PROVIDER_HEADER, provider.name.encode())], mode)
@@ -248,13 +252,13 @@ class RequestProcessor:
             result = await self._call(attempt)
             if result.failed:
                 attempt.provider.breaker.record_failure()
-                metrics.REQUESTS.labels(attempt.provider.name, attempt.model, str(result.status)).inc()
+                metrics.REQUESTS.labels(attempt.provider.name, attempt.label, str(result.status)).inc()
                 continue
             attempt.provider.breaker.record_success()
             metrics.FAILOVERS.labels(failed, attempt.provider.name).inc()
             self.attempt = attempt
             self.answered = True
-            self._count_request(attempt.provider, attempt.model, result.status)
+            self._count_request(attempt.provider, attempt.label, result.status)
             if result.status < 300:
                 self._account(result.body, result.status, result.content_type)
             headers = [(k, v.encode("latin-1")) for k, v in result.headers]
@@ -319,10 +323,10 @@ class RequestProcessor:
 
     def _record_usage(self, attempt: Attempt, config: HolySheepConfig, usage: Usage) -> None:
         assert self.rt is not None
-        name, model = attempt.provider.name, attempt.model
+        name, model = attempt.provider.name, attempt.label
         metrics.TOKENS.labels(name, model, "input").inc(usage.input_tokens)
         metrics.TOKENS.labels(name, model, "output").inc(usage.output_tokens)
-        cost = self.rt.pricing_for(config).cost(model, usage.input_tokens, usage.output_tokens)
+        cost = self.rt.pricing_for(config).cost(attempt.model, usage.input_tokens, usage.output_tokens)
         if cost:
             metrics.COST.labels(name, model).inc(cost)
         if self.info.workload:

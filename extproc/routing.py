@@ -15,6 +15,9 @@ from extproc.spec import BackendSpec, HolySheepConfig, RouteSpec
 class RouteMatch:
     config: HolySheepConfig
     route: RouteSpec
+    # The configured name or glob that matched: the metrics' model label once a process has
+    # seen too many distinct client-chosen names (metrics.model_label).
+    pattern: str
 
 
 class RouteTable:
@@ -23,8 +26,8 @@ class RouteTable:
         self._globs: list[tuple[re.Pattern[str], RouteMatch]] = []
         for cfg in configs:
             for route in cfg.routes:
-                match = RouteMatch(cfg, route)
                 for pattern in route.models:
+                    match = RouteMatch(cfg, route, pattern)
                     if any(c in pattern for c in "*?["):
                         self._globs.append((re.compile(fnmatch.translate(pattern)), match))
                     else:

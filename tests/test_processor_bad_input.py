@@ -15,6 +15,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import REGISTRY, generate_latest
 
+from extproc import metrics
 from extproc.cache import cache_key
 from extproc.credentials import CredentialStore
 from extproc.processor import RequestProcessor
@@ -113,3 +114,27 @@ def test_bodyless_post_to_an_ai_endpoint_is_model_required(runtime: Runtime) -> 
     proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
     routed = proc.on_request_headers(_headers(b"/v1/models", end_of_stream=True, method=b"POST"))
     assert routed.WhichOneof("response") == "request_headers"
+
+
+def test_client_chosen_model_names_cannot_grow_metric_series_without_bound(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: a glob route passed the client's model name into every model label, so a client could
+    # mint any number of series. Past the cap, names are counted under the route's pattern.
+    monkeypatch.setattr(metrics, "MAX_MODEL_LABELS", 3)
+    monkeypatch.setattr(metrics, "_model_labels", set())
+    ok = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+    ])))
+    names = [f"local-cardinality-{i}" for i in range(8)]
+    for name in names:
+        proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
+        proc.on_request_headers(_headers(b"/v1/chat/completions"))
+        routed = proc.on_request_body(pb.ProcessingRequest(request_body=pb.HttpBody(
+            body=json.dumps({"model": name}).encode(), end_of_stream=True)))
+        assert routed is not None and routed.WhichOneof("response") == "request_body"
+        assert proc.on_response_headers(ok) is not None
+    text = generate_latest(REGISTRY).decode()
+    labelled = [n for n in names if f'model="{n}"' in text]
+    assert labelled == names[:3]
+    assert 'holysheep_requests_total{model="local-*",provider="only",status="200"} 5.0' in text
