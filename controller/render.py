@@ -16,12 +16,19 @@ from controller import naming
 from controller.crd import apply_defaults
 from extproc.durations import format_duration
 from extproc.spec import ConfigError, HolySheepConfig, ProviderSpec
-from protos.filter_config import FILTER_NAME, ext_proc_filter, ext_proc_per_route, message_timeout_for
+from protos.filter_config import (
+    FILTER_NAME,
+    ext_proc_filter,
+    ext_proc_per_route,
+    local_reply_config,
+    message_timeout_for,
+)
 
 NETWORKING_V1 = "networking.istio.io/v1"
 NETWORKING_V1ALPHA3 = "networking.istio.io/v1alpha3"
 HCM = "envoy.filters.network.http_connection_manager"
 ROUTER = "envoy.filters.http.router"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 # Connecting is quick or hopeless: a provider that does not accept a TCP connection within 10s
 # should be failed over, not waited for for the whole request timeout.
 MAX_CONNECT_TIMEOUT = 10.0
@@ -208,6 +215,21 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
                 "patch": {
                     "operation": "MERGE",
                     "value": {"typed_per_filter_config": {FILTER_NAME: ext_proc_per_route()}},
+                },
+            }
+        )
+    for port in sorted({g.mesh_port for g in groups}):
+        hosts = [h for g in groups if g.mesh_port == port for h in (g.host, f"{g.host}:{port}")]
+        patches.append(
+            {
+                "applyTo": "NETWORK_FILTER",
+                "match": {
+                    "context": "SIDECAR_OUTBOUND",
+                    "listener": {"portNumber": port, "filterChain": {"filter": {"name": HCM}}},
+                },
+                "patch": {
+                    "operation": "MERGE",
+                    "value": {"typed_config": {"@type": HCM_TYPE, "local_reply_config": local_reply_config(hosts)}},
                 },
             }
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 from extproc.durations import proto_duration
 from extproc.spec import HolySheepConfig, ProviderSpec
-from protos.filter_config import ext_proc_filter, ext_proc_per_route, message_timeout_for
+from protos.filter_config import ext_proc_filter, ext_proc_per_route, local_reply_config, message_timeout_for
 
 EXTPROC_CLUSTER = "holysheep-extproc"
 BUFFER_LIMIT = 16 << 20  # above the processor's own 8 MiB limit, so it answers 413 in OpenAI form
@@ -159,6 +159,7 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
         "stat_prefix": "egress",
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",
+        "local_reply_config": local_reply_config(),
         "route_config": {"name": "egress", "virtual_hosts": vhosts},
         "http_filters": [
             ext_proc_filter(EXTPROC_CLUSTER, longest),

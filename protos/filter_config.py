@@ -6,6 +6,7 @@ sidecar and the local Envoy ask our server for exactly the same phases.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from extproc.durations import proto_duration
@@ -84,3 +85,39 @@ def ext_proc_per_route() -> dict[str, Any]:
 def message_timeout_for(request_timeout: float, max_retries: int) -> float:
     """Failover fetches happen inside one ext_proc message, so allow every attempt plus slack."""
     return request_timeout * (max_retries + 1) + 5.0
+
+
+CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
+CEL_FILTER_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+# Our own answers already are OpenAI-style: every ImmediateResponse's details start with
+# "holysheep_", and the dev listener's catch-all 404 is a JSON direct_response.
+_OURS = "response.code_details.startsWith('holysheep_') || response.code_details == 'direct_response'"
+
+
+def local_reply_config(hosts: Sequence[str] = ()) -> dict[str, Any]:
+    """HCM local_reply_config that turns Envoy's own text replies into OpenAI-style JSON errors.
+
+    Envoy answers by itself when a provider cannot be reached, resets before its headers, times
+    out, or when the ext_proc is gone (fail closed); clients of an OpenAI API should get the
+    same error shape then. With `hosts` (the sidecar's shared outbound HCM) only requests to
+    those authorities are rewritten, so other egress traffic keeps Envoy's usual replies.
+    """
+    scope = ""
+    if hosts:
+        scope = "request.host in [" + ", ".join(f"'{h}'" for h in sorted(set(hosts))) + "] && "
+
+    def mapper(condition: str, error_type: str) -> dict[str, Any]:
+        return {
+            "filter": {"extension_filter": {
+                "name": CEL_FILTER,
+                "typed_config": {"@type": CEL_FILTER_TYPE, "expression": f"{scope}{condition}!({_OURS})"},
+            }},
+            "body_format_override": {"json_format": {"error": {
+                "message": "%LOCAL_REPLY_BODY%",
+                "type": error_type,
+                "param": None,
+                "code": "%RESPONSE_CODE_DETAILS%",
+            }}},
+        }
+
+    return {"mappers": [mapper("response.code >= 500 && ", "server_error"), mapper("", "invalid_request_error")]}

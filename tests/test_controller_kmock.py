@@ -224,7 +224,7 @@ def test_spec_edit_updates_and_prunes(user: Kube, managers: Any) -> None:
     assert vs["spec"]["http"][0]["retries"]["perTryTimeout"] == "45s"
     ef = user.get(ENVOYFILTERS, "apps", "holysheep-multi")
     assert "workloadSelector" not in ef["spec"]
-    assert len(ef["spec"]["configPatches"]) == 2  # filter + the route of the one host left
+    assert [p["applyTo"] for p in ef["spec"]["configPatches"]] == ["HTTP_FILTER", "HTTP_ROUTE", "NETWORK_FILTER"]
     cm = user.get(CONFIGMAPS, "apps", "holysheep-extproc-multi")
     assert "anthropic" not in cm["data"]["config.yaml"] and "45s" in cm["data"]["config.yaml"]
 

@@ -15,12 +15,10 @@ What is right for a bad upstream, decided here:
   answer is never cached (a later fallback must not replay half an answer). It is a race when
   the rest of the answer arrives together with the cut (the content-length case): if Envoy sees
   the premature close while the response headers are still with the ext_proc, nothing has
-  reached the client yet and Envoy answers its own ``502`` ("upstream connect error or
-  disconnect/reset before headers. reset reason: protocol error", ``text/plain``). That is a
-  clear 5xx, but not OpenAI-style: Envoy's local replies bypass the ext_proc. Making them
-  OpenAI-style needs a ``local_reply_config`` mapper on the connection manager (matched on
-  response flags such as ``UPE``/``UC``/``UF``, never on all local replies: the ext_proc's own
-  immediate responses are local replies too); not done here.
+  reached the client yet and Envoy answers its own ``502``. The connection manager's
+  ``local_reply_config`` (``protos/filter_config.py``) turns that reply into an OpenAI-style
+  ``server_error`` whose ``code`` is Envoy's response-code details; the ext_proc's own immediate
+  responses are local replies too and are left alone (their details start ``holysheep_``).
 * **Garbage with a 200** (non-streaming, and to a ``stream: true`` request): a clean
   pass-through. The provider answered 2xx; response bodies are streamed through the ext_proc, so
   by the time the body could be judged the status is gone, and buffering every answer to judge it
@@ -139,8 +137,10 @@ def test_response_cut_mid_event_ends_the_stream_and_is_not_cached(stack: Stack, 
     assert seconds < 1 + 2  # Envoy's 1 s delayed close, plus noise
     if status == 502:
         # The cut reached Envoy while the response headers were still with the ext_proc: Envoy
-        # answers its own 502 (text/plain, not OpenAI-style -- see the module docstring).
-        assert b"reset before headers" in data, data
+        # answers its own 502, mapped to an OpenAI-style error (see the module docstring).
+        error_body = json.loads(data)["error"]
+        assert error_body["type"] == "server_error" and "reset before headers" in error_body["message"], data
+        assert error_body["code"].startswith("upstream_reset"), data
         _assert_not_cached(stack, body)
         return
     assert status == 200 and headers["x-holysheep-provider"] == "flaky"

@@ -76,6 +76,10 @@ def test_fail_closed_when_every_ext_proc_is_gone() -> None:
             assert resp.status_code == 500, (resp.status_code, resp.text[:200])
             assert "x-holysheep-provider" not in resp.headers
             assert resp.headers.get("server") == "envoy"
+            # Envoy's own reply, mapped to the OpenAI error shape by the local_reply_config.
+            assert resp.headers["content-type"] == "application/json"
+            error = resp.json()["error"]
+            assert error["type"] == "server_error" and error["code"].startswith("ext_proc_error"), error
         assert sum(m.total for m in mocks) == before, "no unauthenticated request may go out"
         assert all(m.auth_failures == 0 for m in mocks)
         # A processor back: requests flow again, with the mesh's key and not the app's.

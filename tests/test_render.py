@@ -189,8 +189,19 @@ def test_seed_mapping() -> None:
     assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == (
         "outbound|9002||holysheep-extproc.holysheep-system.svc.cluster.local"
     )
-    routes = [p["match"]["routeConfiguration"]["vhost"] for p in ef["spec"]["configPatches"][1:]]
+    patches = ef["spec"]["configPatches"]
+    routes = [p["match"]["routeConfiguration"]["vhost"] for p in patches if p["applyTo"] == "HTTP_ROUTE"]
     assert routes == [{"name": "api.holysheep.ai:80", "route": {"name": "holysheep-holysheep"}}]
+    # Envoy's own replies (provider unreachable, ext_proc gone) become OpenAI-style errors, for
+    # this config's hosts only: the sidecar's outbound HCM is shared with all other egress.
+    (hcm_patch,) = [p for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    assert hcm_patch["patch"]["operation"] == "MERGE"
+    assert hcm_patch["match"]["listener"]["portNumber"] == 80
+    mappers = hcm_patch["patch"]["value"]["typed_config"]["local_reply_config"]["mappers"]
+    for mapper in mappers:
+        expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
+        assert expression.startswith("request.host in ['api.holysheep.ai', 'api.holysheep.ai:80'] && ")
+        assert "startsWith('holysheep_')" in expression
 
 
 def test_three_providers_selector_and_per_host_objects() -> None:

@@ -129,6 +129,10 @@ def bootstrap(objects: list[dict[str, Any]]) -> dict[str, Any]:
             },
         ],
     }
+    for patch in patches:
+        if patch["applyTo"] == "NETWORK_FILTER":  # MERGE into the HCM, as Istio applies it
+            merged = hcm.setdefault("local_reply_config", {"mappers": []})
+            merged["mappers"] += patch["patch"]["value"]["typed_config"]["local_reply_config"]["mappers"]
     return {
         "static_resources": {
             "listeners": [
