@@ -1,8 +1,12 @@
 """Per-provider circuit breaker with a single half-open trial, plus active-health status.
 
-State is per worker process by design: every worker sees the same provider failures under load
-(requests are spread over workers by SO_REUSEPORT), so each opens within a few requests of the
-others, and no cross-process lock sits on the hot path.
+With several worker processes the *open* state is shared (``extproc/shared_state.py``): the
+first worker to open a provider's circuit opens it for all of them, so an open provider gets no
+request from any worker. Envoy pins each of its gRPC connections to one worker, so a worker may
+see none of a failing provider's traffic; with per-worker state it would keep sending to the
+provider long after the others had opened. Failure counts and the half-open trial stay per
+worker (no cross-process lock on the hot path): after ``resetTimeout`` each worker may send one
+trial, and the first success closes the circuit everywhere.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from enum import IntEnum
 
 from extproc import metrics
+from extproc.shared_state import SharedSlot
 from extproc.spec import CircuitBreakerSpec
 
 log = logging.getLogger(__name__)
@@ -25,8 +30,11 @@ class State(IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, provider: str, spec: CircuitBreakerSpec, trial_timeout: float) -> None:
+    def __init__(
+        self, provider: str, spec: CircuitBreakerSpec, trial_timeout: float, shared: SharedSlot | None = None
+    ) -> None:
         self.provider = provider
+        self.shared = shared
         self.spec = spec
         self.trial_timeout = trial_timeout
         self.failures = 0
@@ -40,8 +48,14 @@ class CircuitBreaker:
 
     @property
     def state(self) -> State:
-        if self._state is State.OPEN and time.monotonic() - self.opened_at >= self.spec.reset_timeout:
-            self._set(State.HALF_OPEN)
+        now = time.monotonic()
+        if self._state is not State.OPEN or now - self.opened_at >= self.spec.reset_timeout:
+            # Closed, half-open or due for a trial: another worker may have (re)opened it since.
+            if self.shared is not None and (open_until := self.shared.get()) > now:
+                self.opened_at = open_until - self.spec.reset_timeout
+                self._set(State.OPEN)
+            elif self._state is State.OPEN:
+                self._set(State.HALF_OPEN)
         return self._state
 
     def _set(self, state: State) -> None:
@@ -78,6 +92,8 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures = 0
         self.trial_in_flight = False
+        if self._state is not State.CLOSED and self.shared is not None and self.shared.get() <= time.monotonic():
+            self.shared.set(0.0)  # a trial passed: closed for every worker (unless one just reopened it)
         self._set(State.CLOSED)
 
     def record_failure(self) -> None:
@@ -87,6 +103,8 @@ class CircuitBreaker:
         self.failures += 1
         if self._state is State.HALF_OPEN or self.failures >= self.spec.failure_threshold:
             self.opened_at = time.monotonic()
+            if self.shared is not None:
+                self.shared.set(self.opened_at + self.spec.reset_timeout)
             self._set(State.OPEN)
 
     def set_healthy(self, healthy: bool) -> None:

@@ -16,6 +16,7 @@ from extproc.breaker import CircuitBreaker
 from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
 from extproc.routing import RouteTable
+from extproc.shared_state import breaker_slot
 from extproc.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
 
 
@@ -76,7 +77,7 @@ class Runtime:
                     breaker = old.breaker
                     breaker.trial_timeout = timeout
                 else:
-                    breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, trial_timeout=timeout)
+                    breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, timeout, breaker_slot(spec.name))
                 provider = Provider(spec, cfg, breaker, timeout, headers_to_remove(spec.auth, credential_headers))
                 self.providers[spec.name] = provider
                 self.by_authority.setdefault(spec.authority, provider)

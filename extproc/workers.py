@@ -2,7 +2,8 @@
 
 Workers are separate interpreters (not forks) so no gRPC state crosses a fork. Metrics use
 prometheus-client's multiprocess mode over a directory the supervisor owns, so any worker's
-/metrics shows the sum over all of them. A worker that dies is restarted.
+/metrics shows the sum over all of them; circuit state is shared through another directory
+(extproc/shared_state.py). A worker that dies is restarted.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ import sys
 import tempfile
 import time
 
+from extproc.shared_state import STATE_DIR_ENV
+
 
 def supervise(workers: int, argv: list[str]) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="holysheep-metrics-")
     os.makedirs(metrics_dir, exist_ok=True)
-    env = {**os.environ, "HOLYSHEEP_WORKER": "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    # Circuit state the workers share (extproc/breaker.py); private to this supervisor's workers.
+    state_dir = tempfile.mkdtemp(prefix="holysheep-state-")
+    env = {
+        **os.environ, "HOLYSHEEP_WORKER": "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir, STATE_DIR_ENV: state_dir,
+    }
     cmd = [sys.executable, "-m", "extproc.cli", *argv]
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
@@ -50,6 +57,7 @@ def supervise(workers: int, argv: list[str]) -> int:
         for p in procs.values():
             p.wait()
     finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

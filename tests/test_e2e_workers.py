@@ -33,7 +33,7 @@ def _stack(**kwargs: int) -> Stack:
                  env={f"E2E_{n.upper()}_KEY": k for n, k in KEYS.items()}, **kwargs)
 
 
-def test_metrics_from_all_workers_and_per_worker_breakers() -> None:
+def test_metrics_from_all_workers_and_a_shared_breaker() -> None:
     with running(_stack(workers=2)) as s:
         n = 40
         for i in range(n):
@@ -41,15 +41,17 @@ def test_metrics_from_all_workers_and_per_worker_breakers() -> None:
         text = s.extproc.metrics()
         total = float(re.search(r'holysheep_requests_total\{model="m",provider="wa",status="200"\} (\S+)', text)[1])
         assert total == n  # summed over both workers, whichever served the scrape
-        # Breaker state is per worker by design: each worker opens after failureThreshold of its
-        # own failures, so the primary sees at most workers * threshold requests, then none.
+        # The open state is shared by the workers: the first to count failureThreshold (2)
+        # failures opens the circuit for both, so the primary sees at most threshold + workers - 1
+        # requests, then none from either worker.
         s.mocks["wa"].mode = "500"
         for i in range(20):
             assert s.chat("m", content=f"f{i}").headers["x-holysheep-provider"] == "wb"
         failed = s.mocks["wa"].by_status[500]
-        assert 2 <= failed <= 4
-        for i in range(10):
-            s.chat("m", content=f"g{i}")
+        assert 2 <= failed <= 3
+        assert 'holysheep_circuit_state{provider="wa"} 1.0' in s.extproc.metrics()
+        for i in range(30):
+            assert s.chat("m", content=f"g{i}").headers["x-holysheep-provider"] == "wb"
         assert s.mocks["wa"].by_status[500] == failed
 
 
