@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.harness import RedisServer, Stack  # noqa: E402  (the e2e harness is the stack)
+from tests.harness import RedisServer, Stack, terminate  # noqa: E402  (the e2e harness is the stack)
 
 MODEL = "chaos-model"
 MODEL_V2 = "chaos-model-v2"
@@ -193,13 +193,7 @@ class MockProcess:
         self._seen_total = total
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 class Rig:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.loadgen import percentile
+
 OK = "ok"
 
 
@@ -144,16 +146,7 @@ def summarize(results: list[Result]) -> dict[str, object]:
         "failures": sum(failures.values()),
         "failures_by_kind": dict(sorted(failures.items())),
         "answered_by": dict(sorted(providers.items())),
-        "p50_ms": _pct(lat, 50),
-        "p99_ms": _pct(lat, 99),
+        "p50_ms": round(percentile(lat, 50), 2),
+        "p99_ms": round(percentile(lat, 99), 2),
         "max_ms": lat[-1] if lat else 0.0,
     }
-
-
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = (len(sorted_values) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return round(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo), 2)
