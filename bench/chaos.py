@@ -476,25 +476,23 @@ class ChaosRun:
 
             await self._phase("extproc-restart", "the killed ext_proc restarted", ep_restart)
 
+            async def rewrite_config(text: str, result: str) -> float | None:
+                """Write the config; the time every ext_proc's reload counter for `result` rose."""
+                series = f'holysheep_config_reloads_total{{result="{result}"}}'
+                before = [watcher.value(i, series) or 0.0 for i in range(len(eps))]
+                await asyncio.to_thread(rig.stack.write_config, text)
+                return await self._wait(lambda: all(
+                    (watcher.value(i, series) or 0.0) > before[i] for i in range(len(eps))))
+
             async def bad_config(phase: Phase) -> None:
-                before = [watcher.value(i, "holysheep_config_reloads_total{result=\"invalid\"}") or 0.0
-                          for i in range(len(eps))]
-                await asyncio.to_thread(rig.stack.write_config, INVALID)
-                t = await self._wait(lambda: all(
-                    (watcher.value(i, "holysheep_config_reloads_total{result=\"invalid\"}") or 0.0) > before[i]
-                    for i in range(len(eps))))
+                t = await rewrite_config(INVALID, "invalid")
                 if t is not None:
                     phase.detect_s, phase.detect_what = t - phase.t_start, "every ext_proc rejects it"
 
             await self._phase("config-invalid", "config rewritten to an invalid one", bad_config)
 
             async def new_config(phase: Phase) -> None:
-                before = [watcher.value(i, "holysheep_config_reloads_total{result=\"ok\"}") or 0.0
-                          for i in range(len(eps))]
-                await asyncio.to_thread(rig.stack.write_config, s.config(rig.redis.url, v2=True))
-                t = await self._wait(lambda: all(
-                    (watcher.value(i, "holysheep_config_reloads_total{result=\"ok\"}") or 0.0) > before[i]
-                    for i in range(len(eps))))
+                t = await rewrite_config(s.config(rig.redis.url, v2=True), "ok")
                 if t is not None:
                     phase.recover_s, phase.recover_what = t - phase.t_start, "every ext_proc loads it"
                     self.v2 = True  # from now on every other request uses the new alias
