@@ -38,7 +38,7 @@ spec:
 """
 
 # Every way a spec could try to name another namespace's Secret.
-CROSS_NAMESPACE = {
+CROSS_NAMESPACE: dict[str, dict[str, Any]] = {
     "namespace/name": {"secretName": f"{OTHER_NS}/openai-credentials", "key": "api-key"},
     "secretNamespace": {"secretName": "openai-credentials", "key": "api-key", "secretNamespace": OTHER_NS},
     "namespace field": {"secretName": "openai-credentials", "key": "api-key", "namespace": OTHER_NS},

@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -77,7 +78,8 @@ def test_fallback_served_from_redis_after_ext_proc_restart(stack: Stack, redis: 
         assert resp.json() == ok.json()
     finally:
         _all_down(stack, "ok")
-    stored = b"".join(r.get(k) or b"" for k in r.keys("holysheep:v1:*"))
+    values = [r.get(k) or b"" for k in r.keys("holysheep:v1:*")]  # bytes: no decode_responses
+    stored = b"".join(v if isinstance(v, bytes) else v.encode() for v in values)
     assert all(k.encode() not in stored for k in KEYS.values())
 
 
@@ -169,7 +171,7 @@ def test_sigterm_drains_streams_in_flight(stack: Stack) -> None:
     one = stack.mocks["one"]
     one.mode = "slow-stream"
     one.chunk_delay_ms = 250
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
 
     def stream() -> None:
         body = {"model": "m4", "messages": [{"role": "user", "content": "drain"}], "stream": True}
@@ -190,7 +192,7 @@ def test_sigterm_drains_streams_in_flight(stack: Stack) -> None:
                    what="not ready while draining")
         t.join(20)
         assert result.get("status") == 200
-        assert bytes(result["body"]).rstrip().endswith(b"data: [DONE]")  # type: ignore[arg-type]
+        assert bytes(result["body"]).rstrip().endswith(b"data: [DONE]")
         assert proc.wait(15) == 0
     finally:
         one.mode = "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ spec:
 KEYS = {"wa": "sk-wa-4431", "wb": "sk-wb-4432"}
 
 
-def _stack(**kwargs: int) -> Stack:
+def _stack(**kwargs: Any) -> Stack:
     return Stack(TEMPLATE, {n: MockProvider(n, expect_key=k) for n, k in KEYS.items()},
                  env={f"E2E_{n.upper()}_KEY": k for n, k in KEYS.items()}, **kwargs)
 
@@ -39,7 +40,9 @@ def test_metrics_from_all_workers_and_a_shared_breaker() -> None:
         for i in range(n):
             assert s.chat("m", content=f"w{i}").status_code == 200
         text = s.extproc.metrics()
-        total = float(re.search(r'holysheep_requests_total\{model="m",provider="wa",status="200"\} (\S+)', text)[1])
+        found = re.search(r'holysheep_requests_total\{model="m",provider="wa",status="200"\} (\S+)', text)
+        assert found is not None, text
+        total = float(found[1])
         assert total == n  # summed over both workers, whichever served the scrape
         # The open state is shared by the workers: the first to count failureThreshold (2)
         # failures opens the circuit for both, so the primary sees at most threshold + workers - 1

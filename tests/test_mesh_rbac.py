@@ -93,7 +93,7 @@ class FakeApiServer:
         path, query = parts.path, parse_qs(parts.query)
         existed = path in self.objects
         self.requests.append((method, path, query, headers.get("Content-Type"), existed))
-        data = json.loads(body) if isinstance(body, str | bytes) else body
+        data: Any = json.loads(body) if isinstance(body, str | bytes) else body
         if method == "GET" and query.get("watch") == ["true"]:
             if self.on_watch is not None:
                 self.on_watch.set()

@@ -45,7 +45,7 @@ def test_body_parser_finds_the_model_of_any_object(payload: dict[str, Any], mode
     assert parsed.stream is (payload.get("stream") is True)
 
 
-events = st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+events = st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]),
                           max_size=30), min_size=1, max_size=8)
 
 

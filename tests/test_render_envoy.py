@@ -115,7 +115,7 @@ def bootstrap(objects: list[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     assert per_route == {}, f"EnvoyFilter patches routes the VirtualService does not have: {per_route}"
-    hcm = {
+    hcm: dict[str, Any] = {
         "@type": HCM_TYPE,
         "stat_prefix": "outbound_0.0.0.0_80",
         "route_config": {"name": "80", "virtual_hosts": virtual_hosts},

@@ -251,8 +251,9 @@ def _raw_http11(stack: Stack, model: str, headers: list[tuple[str, str]]) -> tup
     raw = b"".join(chunks)
     status_line, _, rest = raw.partition(b"\r\n")
     head_bytes, _, payload = rest.partition(b"\r\n\r\n")
-    parsed = httpx.Headers([tuple(line.decode("latin-1").split(": ", 1)) for line in head_bytes.split(b"\r\n")
-                            if b": " in line])
+    parsed = httpx.Headers([(name, value) for name, _, value in
+                            (line.decode("latin-1").partition(": ") for line in head_bytes.split(b"\r\n"))
+                            if value])
     stack.guard.record_response("raw HTTP/1.1 response", parsed, payload)
     return int(status_line.split()[1]), payload
 
