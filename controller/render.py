@@ -18,6 +18,7 @@ from extproc.durations import format_duration
 from extproc.spec import ConfigError, HolySheepConfig, ProviderSpec
 from protos.filter_config import (
     FILTER_NAME,
+    HCM_TYPE,
     ext_proc_filter,
     ext_proc_per_route,
     local_reply_config,
@@ -28,7 +29,6 @@ NETWORKING_V1 = "networking.istio.io/v1"
 NETWORKING_V1ALPHA3 = "networking.istio.io/v1alpha3"
 HCM = "envoy.filters.network.http_connection_manager"
 ROUTER = "envoy.filters.http.router"
-HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 # Connecting is quick or hopeless: a provider that does not accept a TCP connection within 10s
 # should be failed over, not waited for for the whole request timeout.
 MAX_CONNECT_TIMEOUT = 10.0
@@ -183,7 +183,8 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
     slowest = max(cfg.timeout_for(p) for p in cfg.providers)
     filter_value = ext_proc_filter(opts.extproc_cluster, message_timeout_for(slowest, cfg.max_retries))
     patches: list[dict[str, Any]] = []
-    for port in sorted({g.mesh_port for g in groups}):
+    ports = sorted({g.mesh_port for g in groups})
+    for port in ports:
         patches.append(
             {
                 "applyTo": "HTTP_FILTER",
@@ -218,7 +219,8 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
                 },
             }
         )
-    for port in sorted({g.mesh_port for g in groups}):
+    for port in ports:
+        # Envoy's own replies on this port become OpenAI-style errors, for this config's hosts only.
         hosts = [h for g in groups if g.mesh_port == port for h in (g.host, f"{g.host}:{port}")]
         patches.append(
             {

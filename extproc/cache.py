@@ -51,10 +51,15 @@ def cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> str:
 class MemoryCache:
     """LRU bounded by entry count and total bytes, with per-entry expiry."""
 
+    # Entries over every live memory tier of this process (one per config): the
+    # holysheep_cache_entries gauge, kept exact on eviction, expiry and retirement.
+    live_entries = 0
+
     def __init__(self, max_entries: int, max_bytes: int) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
+        self.closed = False
         self._data: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -67,25 +72,39 @@ class MemoryCache:
         expires, value = item
         if expires < time.monotonic():
             self._drop(key)
+            _report_entries()
             return None
         self._data.move_to_end(key)
         return value
 
     def put(self, key: str, value: CachedResponse, ttl: float) -> None:
         size = len(value.body)
-        if size > self.max_bytes:
+        if size > self.max_bytes or self.closed:  # closed: a request that outlived its config
             return
         if key in self._data:
             self._drop(key)
         self._data[key] = (time.monotonic() + ttl, value)
         self.bytes += size
+        MemoryCache.live_entries += 1
         while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._data)))
-        metrics.CACHE_ENTRIES.set(len(self._data))
+        _report_entries()
+
+    def close(self) -> None:
+        self.closed = True
+        MemoryCache.live_entries -= len(self._data)
+        self._data.clear()
+        self.bytes = 0
+        _report_entries()
 
     def _drop(self, key: str) -> None:
         _, value = self._data.pop(key)
         self.bytes -= len(value.body)
+        MemoryCache.live_entries -= 1
+
+
+def _report_entries() -> None:
+    metrics.CACHE_ENTRIES.set(MemoryCache.live_entries)
 
 
 class ResponseCache:
@@ -149,6 +168,7 @@ class ResponseCache:
                 self._redis_failed("set", exc)
 
     async def close(self) -> None:
+        self.memory.close()  # a retired config's answers are no longer served
         if self._redis is not None:
             try:
                 await asyncio.wait_for(self._redis.aclose(), 1.0)

@@ -15,13 +15,18 @@ from typing import Any
 
 from extproc.durations import proto_duration
 from extproc.spec import HolySheepConfig, ProviderSpec
-from protos.filter_config import ext_proc_filter, ext_proc_per_route, local_reply_config, message_timeout_for
+from protos.filter_config import (
+    HCM_TYPE,
+    ext_proc_filter,
+    ext_proc_per_route,
+    local_reply_config,
+    message_timeout_for,
+)
 
 EXTPROC_CLUSTER = "holysheep-extproc"
 BUFFER_LIMIT = 16 << 20  # above the processor's own 8 MiB limit, so it answers 413 in OpenAI form
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -155,7 +160,7 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
         },
     })
     hcm = {
-        "@type": _HCM,
+        "@type": HCM_TYPE,
         "stat_prefix": "egress",
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",

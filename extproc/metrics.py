@@ -43,7 +43,8 @@ CACHE_EVENTS = Counter(
     "holysheep_cache_events", "Response cache events: hit, miss, store, fallback, error.", ["event"],
 )
 CACHE_ENTRIES = Gauge(
-    "holysheep_cache_entries", "Entries in the in-process memory tier of the response cache (bounded by maxEntries).",
+    "holysheep_cache_entries",
+    "Entries in the process's memory cache tiers (each config's tier is bounded by its maxEntries).",
     multiprocess_mode="max",
 )
 WORKLOAD_REQUESTS = Counter(
