@@ -48,8 +48,8 @@ from bench.chaos_observe import (
     process_tree_usage,
     until,
 )
-from extproc.envoy_bootstrap import EXTPROC_CLUSTER
-from extproc.mock_provider import MockProvider
+from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER
+from extproc.dev.mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -136,7 +136,7 @@ class UpstreamRecord:
 
 
 class MockProcess:
-    """A mock provider in its own process (``python -m extproc.mock_provider``), driven over HTTP.
+    """A mock provider in its own process (``python -m extproc.dev.mock_provider``), driven over HTTP.
 
     Its own interpreter, so the load generator's event loop and GIL never slow the upstream
     down (which would turn CPU contention into provider timeouts). ``placeholder`` is what the
@@ -155,7 +155,7 @@ class MockProcess:
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc.mock_provider", "--name", self.name, "--control-port", "0"],
+            [sys.executable, "-m", "extproc.dev.mock_provider", "--name", self.name, "--control-port", "0"],
             stdout=subprocess.PIPE, stderr=log, cwd=str(REPO), start_new_session=True,
         )
         log.close()

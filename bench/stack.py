@@ -6,7 +6,7 @@
 - SSE server (bench.sse_server): the streaming upstream.
 - ext_proc: `holysheep-mesh extproc --workers N` with a bench config (one document per target).
 - floor: bench.floor, a do-nothing ext_proc.
-- front Envoy: extproc.envoy_bootstrap.build_bootstrap() exactly as the dev stack renders it,
+- front Envoy: extproc.dev.envoy_bootstrap.build_bootstrap() exactly as the dev stack renders it,
   plus passthrough vhosts for the baseline and a second listener whose ext_proc is the floor.
 """
 
@@ -27,10 +27,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from extproc.devstack import envoy_binary
-from extproc.envoy_bootstrap import EXTPROC_CLUSTER, BootstrapOptions, Passthrough, build_bootstrap
-from extproc.spec import load_file
+from extproc.dev.devstack import envoy_binary
+from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER, BootstrapOptions, Passthrough, build_bootstrap
 from protos.filter_config import ext_proc_filter
+from protos.spec import load_file
 
 CHAT_RESPONSE = json.dumps(
     {

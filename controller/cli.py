@@ -8,7 +8,7 @@ from typing import Any
 
 from controller import naming
 from controller.render import RenderOptions, dump_stream, render_all
-from extproc.spec import ConfigError, load_text
+from protos.spec import ConfigError, load_text
 
 
 def _add_extproc_flags(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from extproc import spec as hs
-from extproc.durations import DURATION_PATTERN
+from protos import spec as hs
+from protos.durations import DURATION_PATTERN
 
 GROUP = "holysheep.ai"
 VERSION = "v1"

@@ -15,7 +15,7 @@ from typing import Any
 from controller import naming, status
 from controller.kube import EVENTS, GENERATED, HOLYSHEEPCONFIGS, SECRETS, Kube, KubeError, Resource
 from controller.render import RenderOptions, render_config
-from extproc.spec import ConfigError, HolySheepConfig, parse_document
+from protos.spec import ConfigError, HolySheepConfig, parse_document
 
 log = logging.getLogger("holysheep.controller")
 

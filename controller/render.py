@@ -14,8 +14,7 @@ import yaml
 
 from controller import naming
 from controller.crd import apply_defaults
-from extproc.durations import format_duration
-from extproc.spec import ConfigError, HolySheepConfig, ProviderSpec
+from protos.durations import format_duration
 from protos.filter_config import (
     FILTER_NAME,
     HCM_TYPE,
@@ -24,6 +23,7 @@ from protos.filter_config import (
     local_reply_config,
     message_timeout_for,
 )
+from protos.spec import ConfigError, HolySheepConfig, ProviderSpec
 
 NETWORKING_V1 = "networking.istio.io/v1"
 NETWORKING_V1ALPHA3 = "networking.istio.io/v1alpha3"

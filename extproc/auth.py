@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 
 from extproc.credentials import Credential
-from extproc.spec import AuthSpec
+from protos.spec import AuthSpec
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from enum import IntEnum
 
 from extproc import metrics
 from extproc.shared_state import SharedSlot
-from extproc.spec import CircuitBreakerSpec
+from protos.spec import CircuitBreakerSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc import metrics
-from extproc.spec import CacheSpec
+from protos.spec import CacheSpec
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def extproc_main(args: argparse.Namespace) -> int:
         from extproc.workers import supervise
 
         return supervise(args.workers, sys.argv[1:])
-    from extproc import logs
+    from protos import logs
 
     logs.setup(args.log_level)
     from extproc.server import ServerOptions, serve
@@ -65,10 +65,10 @@ def extproc_main(args: argparse.Namespace) -> int:
 
 
 def dev_main(args: argparse.Namespace) -> int:
-    from extproc import logs
+    from protos import logs
 
     logs.setup(args.log_level)
-    from extproc.devstack import DevOptions, run_demo, run_dev
+    from extproc.dev.devstack import DevOptions, run_demo, run_dev
 
     host, port = args.listen
     options = DevOptions(
@@ -88,7 +88,7 @@ def dev_main(args: argparse.Namespace) -> int:
     try:
         asyncio.run(main())
     except Exception as exc:  # a clear line for the operator, not a trace
-        from extproc.spec import ConfigError
+        from protos.spec import ConfigError
 
         if isinstance(exc, ConfigError | RuntimeError | OSError):
             print(f"holysheep-mesh dev: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterable
 
-from extproc.spec import AuthSpec
+from protos.spec import AuthSpec
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ from extproc.errors import (
 )
 from extproc.routing import order_backends
 from extproc.runtime import Provider, Runtime
-from extproc.spec import BackendSpec, HolySheepConfig
 from extproc.sse import SSEAssembler
 from extproc.upstream import UpstreamClient, UpstreamResult
 from protos import messages as m
+from protos.spec import BackendSpec, HolySheepConfig
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extproc.spec import BackendSpec, HolySheepConfig, RouteSpec
+from protos.spec import BackendSpec, HolySheepConfig, RouteSpec
 
 
 @dataclass(frozen=True)

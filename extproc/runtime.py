@@ -17,7 +17,7 @@ from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
 from extproc.routing import RouteTable
 from extproc.shared_state import breaker_slot
-from extproc.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
+from protos.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
 
 
 @dataclass

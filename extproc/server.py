@@ -24,8 +24,8 @@ from extproc.credentials import DEFAULT_SECRETS_DIR, CredentialStore
 from extproc.health import HealthChecker
 from extproc.runtime import Runtime
 from extproc.service import ExternalProcessorService
-from extproc.spec import ConfigError, load_text
 from extproc.upstream import UpstreamClient
+from protos.spec import ConfigError, load_text
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from extproc.durations import proto_duration
+from protos.durations import proto_duration
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"

@@ -34,10 +34,10 @@ from typing import Any, ClassVar
 
 import httpx
 
-from extproc.devstack import envoy_binary
-from extproc.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
-from extproc.mock_provider import MockProvider
-from extproc.spec import ConfigError, load_text
+from extproc.dev.devstack import envoy_binary
+from extproc.dev.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
+from extproc.dev.mock_provider import MockProvider
+from protos.spec import ConfigError, load_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,13 +15,13 @@ import pytest
 
 from extproc.breaker import CircuitBreaker, State
 from extproc.shared_state import STATE_DIR_ENV, breaker_slot
-from extproc.spec import CircuitBreakerSpec
+from protos.spec import CircuitBreakerSpec
 
 SPEC = CircuitBreakerSpec(enabled=True, failure_threshold=3, reset_timeout=0.5)
 OPEN_IN_OTHER_WORKER = """
 from extproc.breaker import CircuitBreaker
 from extproc.shared_state import breaker_slot
-from extproc.spec import CircuitBreakerSpec
+from protos.spec import CircuitBreakerSpec
 b = CircuitBreaker("primary", CircuitBreakerSpec(enabled=True, failure_threshold=3, reset_timeout=0.5), 1.0,
                    breaker_slot("primary"))
 for _ in range(3):

@@ -13,7 +13,7 @@ import time
 from prometheus_client import REGISTRY, generate_latest
 
 from extproc.cache import CachedResponse, ResponseCache
-from extproc.spec import CacheSpec
+from protos.spec import CacheSpec
 
 ANSWER = CachedResponse(200, "application/json", b'{"choices":[]}')
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from extproc.cache import CachedResponse, ResponseCache, cache_key
-from extproc.spec import CacheSpec
+from protos.spec import CacheSpec
 from tests.harness import RedisServer
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from controller.kube import CONFIGMAPS, GENERATED, HOLYSHEEPCONFIGS, Kube
-from extproc.spec import ConfigError, parse_document
+from protos.spec import ConfigError, parse_document
 from tests import test_controller_kmock as kmock_suite
 from tests.test_controller_kmock import FIXTURES, SELECTOR, Running, condition, ready, secret
 from tests.test_crd import schema

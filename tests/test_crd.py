@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from controller import crd
-from extproc.spec import ConfigError, parse_document
+from protos.spec import ConfigError, parse_document
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "mesh" / "crd" / "holysheepconfig.yaml"

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.mock_provider import MockProvider
+from extproc.dev.mock_provider import MockProvider
 from tests.harness import RedisServer, Stack, running, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from extproc.mock_provider import MockProvider
+from extproc.dev.mock_provider import MockProvider
 from tests.harness import Stack, running, wait_until
 
 pytestmark = pytest.mark.e2e

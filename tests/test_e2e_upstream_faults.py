@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.mock_provider import GARBAGE_BODY, MockProvider
+from extproc.dev.mock_provider import GARBAGE_BODY, MockProvider
 from tests.harness import Stack, running
 
 pytestmark = pytest.mark.e2e

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from extproc.devstack import envoy_binary
-from extproc.durations import proto_duration
-from extproc.envoy_bootstrap import BootstrapOptions, build_bootstrap
-from extproc.spec import load_text
+from extproc.dev.devstack import envoy_binary
+from extproc.dev.envoy_bootstrap import BootstrapOptions, build_bootstrap
+from protos.durations import proto_duration
 from protos.filter_config import ext_proc_filter
+from protos.spec import load_text
 
 CONFIG = """\
 apiVersion: holysheep.ai/v1

@@ -18,7 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from extproc.mock_provider import MockProvider
+from extproc.dev.mock_provider import MockProvider
 from protos import messages as m
 from tests.harness import Stack, running
 

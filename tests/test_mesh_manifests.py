@@ -28,7 +28,7 @@ import yaml
 
 from controller import naming
 from extproc.credentials import DEFAULT_SECRETS_DIR
-from extproc.spec import SEED_ENV, SEED_SECRET_KEY, SEED_SECRET_NAME, parse_document
+from protos.spec import SEED_ENV, SEED_SECRET_KEY, SEED_SECRET_NAME, parse_document
 
 ROOT = Path(__file__).resolve().parent.parent
 MESH = ROOT / "mesh"

@@ -18,7 +18,7 @@ import aiohttp
 import openai
 import pytest
 
-from extproc.mock_provider import MockProvider
+from extproc.dev.mock_provider import MockProvider
 
 KEY = "sk-upstream-secret"
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,7 +334,7 @@ def test_cli_runs_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["--port", "0", "--name", "cli", "--expect-key", KEY, "--fail", "500", "--control-port", "0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc.mock_provider", *args], stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, "-m", "extproc.dev.mock_provider", *args], stdout=subprocess.PIPE, env=env, text=True
     )
     try:
         assert proc.stdout is not None

@@ -20,8 +20,8 @@ from extproc.cache import cache_key
 from extproc.credentials import CredentialStore
 from extproc.processor import RequestProcessor
 from extproc.runtime import Runtime
-from extproc.spec import load_text
 from extproc.upstream import UpstreamClient, UpstreamResult
+from protos.spec import load_text
 
 CONFIG = """\
 apiVersion: holysheep.ai/v1

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from extproc.api import parse_body
 from extproc.errors import ClientError
 from extproc.routing import RouteTable
-from extproc.spec import ConfigError, load_text, parse_document
 from extproc.sse import SSEAssembler
+from protos.spec import ConfigError, load_text, parse_document
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

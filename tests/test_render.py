@@ -21,8 +21,8 @@ import yaml
 
 from controller import naming
 from controller.render import RenderOptions, dump_stream, render_all
-from extproc.durations import parse_duration
-from extproc.spec import load_file, load_text
+from protos.durations import parse_duration
+from protos.spec import load_file, load_text
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

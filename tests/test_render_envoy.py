@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from controller.render import render_all
-from extproc.spec import load_file
+from protos.spec import load_file
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENVOY = shutil.which("envoy")

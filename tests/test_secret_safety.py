@@ -26,11 +26,11 @@ from controller.render import RenderOptions, render_config
 from extproc import errors
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, auth_header_dict, headers_to_remove
 from extproc.credentials import Credential, CredentialStore
-from extproc.envoy_bootstrap import BootstrapOptions, build_bootstrap
-from extproc.logs import JsonFormatter
-from extproc.mock_provider import MockProvider
+from extproc.dev.envoy_bootstrap import BootstrapOptions, build_bootstrap
+from extproc.dev.mock_provider import MockProvider
 from extproc.runtime import Runtime
-from extproc.spec import AuthSpec, ConfigError, load_text
+from protos.logs import JsonFormatter
+from protos.spec import AuthSpec, ConfigError, load_text
 from tests.harness import LeakError, RedisServer, Stack, key_encodings, running, wait_until
 
 KEY = "sk-live-Secr3tValue-9f8e7d6c5b4a"

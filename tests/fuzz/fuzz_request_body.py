@@ -84,8 +84,8 @@ with atheris.instrument_imports(include=["extproc", "protos"]):
     from extproc.credentials import CredentialStore
     from extproc.processor import CACHE_HEADER, MAX_REQUEST_BYTES, PROVIDER_HEADER, RequestProcessor
     from extproc.runtime import Runtime
-    from extproc.spec import load_text
     from extproc.upstream import UpstreamClient, UpstreamResult
+    from protos.spec import load_text
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2

@@ -15,9 +15,9 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from extproc.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
+from extproc.dev.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
 from extproc.server import DataPlane, ServerOptions
-from extproc.spec import load_file
+from protos.spec import load_file
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def demo_banner(listen: str, admin_port: int) -> str:
 
 
 async def run_demo(options: DevOptions, stop: asyncio.Event) -> None:
-    from extproc.mock_provider import MockProvider
+    from extproc.dev.mock_provider import MockProvider
 
     keys = {"primary": "demo-key-primary", "secondary": "demo-key-secondary"}
     os.environ["HOLYSHEEP_DEMO_PRIMARY_KEY"] = keys["primary"]

@@ -14,7 +14,7 @@ only shows up when an upstream misbehaves.
 It is also the benchmark's upstream, so the per-request path is kept cheap: one JSON parse, one
 JSON dump, no access log, and a bounded request log.
 
-CLI:  python -m extproc.mock_provider --port P --name NAME --expect-key KEY [--fail MODE] ...
+CLI:  python -m extproc.dev.mock_provider --port P --name NAME --expect-key KEY [--fail MODE] ...
 """
 
 from __future__ import annotations
@@ -877,7 +877,7 @@ def _prompt_tokens(text: str) -> int:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m extproc.mock_provider", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m extproc.dev.mock_provider", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the READY line)")
     p.add_argument(

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.durations import parse_duration
+from protos.durations import parse_duration
 
 API_VERSION = "holysheep.ai/v1"
 KIND = "HolySheepConfig"

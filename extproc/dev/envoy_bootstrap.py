@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.durations import proto_duration
-from extproc.spec import HolySheepConfig, ProviderSpec
+from protos.durations import proto_duration
 from protos.filter_config import (
     HCM_TYPE,
     ext_proc_filter,
@@ -22,6 +21,7 @@ from protos.filter_config import (
     local_reply_config,
     message_timeout_for,
 )
+from protos.spec import HolySheepConfig, ProviderSpec
 
 EXTPROC_CLUSTER = "holysheep-extproc"
 BUFFER_LIMIT = 16 << 20  # above the processor's own 8 MiB limit, so it answers 413 in OpenAI form
