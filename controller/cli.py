@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -58,6 +59,7 @@ def add_subcommands(subparsers: Any) -> None:
     ctl.add_argument("--identity", default=None, help="leader election identity (default: hostname + pid)")
     ctl.add_argument("--resync-seconds", type=float, default=300.0)
     ctl.add_argument("--kubeconfig", default=None, help="default: in-cluster, then ~/.kube/config")
+    ctl.add_argument("--log-level", default=os.environ.get("HOLYSHEEP_LOG_LEVEL", "INFO"))
     ctl.set_defaults(func=controller_main)
 
 

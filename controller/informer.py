@@ -1,7 +1,7 @@
 """List-then-watch of HolySheepConfigs that only enqueues keys (the reconciler reads state).
 
-A 410 Gone (as an HTTP status or as an ERROR event) means our resourceVersion was compacted
-away: list again. Any other failure: back off and watch again from the last version seen.
+A 410 Gone (an HTTP status or an ERROR event: the client raises `Gone` for both) means our
+resourceVersion was compacted away: list again. Any other failure: back off and watch again from the last version seen.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from controller.kube import Kube, KubeError, Resource
+from controller.kube import Gone, Kube, Resource
 
-log = logging.getLogger("holysheep.informer")
+log = logging.getLogger(__name__)
 
 
 class Informer:
@@ -68,9 +68,6 @@ class Informer:
                     if self.stop.is_set():
                         return
                     kind, obj = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":
-                        code = obj.get("code", 500)
-                        raise KubeError(code, str(obj.get("reason", "")), obj)
                     rv = obj.get("metadata", {}).get("resourceVersion") or rv
                     if kind == "BOOKMARK":
                         continue
@@ -82,14 +79,9 @@ class Informer:
                             self._keys.add(key)
                     self.enqueue(key, str(kind).lower())
                 delay = self.backoff[0]  # a watch that ends normally is routine
-            except KubeError as exc:
-                if exc.status == 410:
-                    log.info("watch expired (410 Gone); listing again", extra={"resourceVersion": rv})
-                    rv = None
-                    continue
-                log.warning("watch failed; reconnecting", extra={"error": str(exc), "delay": delay})
-                self.stop.wait(delay)
-                delay = min(delay * 2, self.backoff[1])
+            except Gone:
+                log.info("watch expired (410 Gone); listing again", extra={"resourceVersion": rv})
+                rv = None
             except Exception as exc:  # connection resets, timeouts, bad JSON: all mean reconnect
                 log.warning("watch failed; reconnecting", extra={"error": repr(exc), "delay": delay})
                 self.stop.wait(delay)

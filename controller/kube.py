@@ -60,12 +60,79 @@ BY_KIND = {r.kind: r for r in GENERATED}
 
 
 class KubeError(Exception):
+    """A request the API server refused. The subclasses say how; `reason` is the Status object's
+    machine-readable reason ("NotFound", "AlreadyExists", "Expired") or else the HTTP reason."""
+
     def __init__(self, status: int, reason: str, body: Any = None) -> None:
         self.status = status
         self.reason = reason
         self.body = body
         message = body.get("message") if isinstance(body, dict) else None
         super().__init__(f"{status} {reason}: {message or body}")
+
+
+class BadRequest(KubeError):
+    """400: a malformed request (our bug, not the cluster's)."""
+
+
+class Unauthorized(KubeError):
+    """401: the credentials are missing or no longer valid."""
+
+
+class Forbidden(KubeError):
+    """403: RBAC (or an admission webhook) does not allow this request."""
+
+
+class NotFound(KubeError):
+    """404."""
+
+
+class Conflict(KubeError):
+    """409: a stale resourceVersion, a failed precondition, or (subclass) a name already taken."""
+
+
+class AlreadyExists(Conflict):
+    """409 with reason AlreadyExists: a create lost to an object of the same name."""
+
+
+class Gone(KubeError):
+    """410: the resourceVersion asked for was compacted away (a watch must list again)."""
+
+
+class Invalid(KubeError):
+    """422: the object fails validation (schema, admission)."""
+
+
+class TooManyRequests(KubeError):
+    """429: API priority and fairness throttled us; retry later."""
+
+
+class ServerError(KubeError):
+    """5xx: the API server (or etcd, or a webhook) failed; retry later."""
+
+
+_BY_STATUS: dict[int, type[KubeError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    422: Invalid,
+    429: TooManyRequests,
+}
+
+
+def error_for(status: int, http_reason: str, body: Any) -> KubeError:
+    """The typed error for an API server answer (a failed response or a watch ERROR event)."""
+    reason = str(body.get("reason") or "") if isinstance(body, dict) else ""
+    if status == 409 and reason == "AlreadyExists":
+        cls: type[KubeError] = AlreadyExists
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = _BY_STATUS.get(status, KubeError)
+    return cls(status, reason or http_reason, body)
 
 
 class Kube:
@@ -119,7 +186,7 @@ class Kube:
         except ValueError:
             decoded = data.decode(errors="replace") if isinstance(data, bytes) else data
         if not 200 <= resp.status < 300:
-            raise KubeError(resp.status, resp.reason or "", decoded)
+            raise error_for(resp.status, resp.reason or "", decoded)
         return decoded
 
     # Typed helpers -------------------------------------------------------------------------
@@ -172,7 +239,11 @@ class Kube:
         resource_version: str,
         timeout_seconds: int,
     ) -> Iterator[dict[str, Any]]:
-        """Yield watch events; returns when the server ends the stream."""
+        """Yield watch events; returns when the server ends the stream.
+
+        An ERROR event (a Status object, such as 410 Expired) is raised as its typed error, so
+        callers handle a failed watch the same way whether it failed at the start or midway.
+        """
         query = {
             "watch": True,
             "resourceVersion": resource_version,
@@ -193,15 +264,23 @@ class Kube:
                     body = json.loads(data)
                 except ValueError:
                     body = data
-                raise KubeError(resp.status, resp.reason or "", body)
+                raise error_for(resp.status, resp.reason or "", body)
             buffer = b""
             for chunk in raw.stream(4096, decode_content=True):
                 buffer += chunk
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     if line.strip():
-                        yield json.loads(line)
+                        yield _event(json.loads(line))
             if buffer.strip():
-                yield json.loads(buffer)
+                yield _event(json.loads(buffer))
         finally:
             raw.release_conn()
+
+
+def _event(event: dict[str, Any]) -> dict[str, Any]:
+    if event.get("type") == "ERROR":
+        status = event.get("object") or {}
+        code = status.get("code") if isinstance(status, dict) else None
+        raise error_for(int(code or 500), "", status)
+    return event

@@ -8,20 +8,20 @@ anyone else can acquire the lease.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from controller.kube import LEASES, Kube, KubeError
+from controller.kube import LEASES, AlreadyExists, Conflict, Kube, NotFound
+from protos.logs import utc_timestamp
 
-log = logging.getLogger("holysheep.leader")
+log = logging.getLogger(__name__)
 
 
 def _micro_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_timestamp(digits=6)  # a Lease's times are MicroTime
 
 
 class LeaderElector:
@@ -65,9 +65,7 @@ class LeaderElector:
     def try_acquire_or_renew(self) -> bool:
         try:
             lease = self.kube.get(LEASES, self.namespace, self.name)
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
             try:
                 self.kube.create(
                     LEASES,
@@ -79,10 +77,8 @@ class LeaderElector:
                         "spec": self._spec(_micro_now(), 0),
                     },
                 )
-            except KubeError as exc2:
-                if exc2.status == 409:
-                    return False
-                raise
+            except AlreadyExists:  # another replica created it first
+                return False
             return True
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
@@ -99,10 +95,8 @@ class LeaderElector:
         lease["spec"] = self._spec(acquire, transitions)
         try:
             self.kube.replace(LEASES, self.namespace, self.name, lease)
-        except KubeError as exc:
-            if exc.status == 409:  # someone else wrote first; they win this round
-                return False
-            raise
+        except Conflict:  # someone else wrote first; they win this round
+            return False
         return True
 
     def release(self) -> None:

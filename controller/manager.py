@@ -15,15 +15,15 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from controller import jsonlog
 from controller.informer import Informer
 from controller.kube import HOLYSHEEPCONFIGS, Kube
 from controller.leader import LeaderElector
 from controller.reconcile import NotLeader, Reconciler
 from controller.render import RenderOptions
 from controller.workqueue import WorkQueue
+from protos import logs
 
-log = logging.getLogger("holysheep.manager")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _load_kube(kubeconfig: str | None, identity: str) -> Kube:
 
 
 def run_from_args(args: argparse.Namespace, options: RenderOptions) -> int:
-    jsonlog.setup()
+    logs.setup(args.log_level)
     mc = ManagerConfig(
         namespace=args.namespace,
         lease_namespace=args.lease_namespace,

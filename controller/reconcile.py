@@ -3,21 +3,24 @@
 GET the CR; parse and render it; check the Secrets it names (metadata only); server-side
 apply what is missing or drifted; prune what is labelled for this CR but no longer desired;
 write status. An invalid spec changes nothing but status and an Event.
+
+Status never claims what the controller could not see: the shipped RBAC grants no access to
+Secrets, so their existence is usually unknown (403), and status says exactly that.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from controller import naming, status
-from controller.kube import EVENTS, GENERATED, HOLYSHEEPCONFIGS, SECRETS, Kube, KubeError, Resource
+from controller.kube import EVENTS, GENERATED, HOLYSHEEPCONFIGS, SECRETS, Forbidden, Kube, NotFound, Resource
 from controller.render import RenderOptions, render_config
 from protos.spec import ConfigError, HolySheepConfig, parse_document
 
-log = logging.getLogger("holysheep.controller")
+log = logging.getLogger(__name__)
 
 SECRET_RETRY_SECONDS = 30.0
 
@@ -29,6 +32,23 @@ class NotLeader(Exception):
 @dataclass
 class Result:
     requeue_after: float | None = None
+
+
+@dataclass
+class SecretCheck:
+    """What the controller could see of the Secrets a CR names (metadata only, by name)."""
+
+    keys: dict[str, list[str]] = field(default_factory=dict)  # Secret name -> data keys the CR uses
+    missing: list[str] = field(default_factory=list)  # 404
+    unverified: list[str] = field(default_factory=list)  # 403: existence unknown
+
+    def found(self, secret: str) -> bool | None:
+        """True/False when seen, None when the controller may not look."""
+        return None if secret in self.unverified else secret not in self.missing
+
+    def describe(self, names: list[str]) -> str:
+        """Names and keys only: a status message never carries a value."""
+        return ", ".join(f"{n} (key {', '.join(self.keys[n]) or '-'})" for n in names)
 
 
 def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
@@ -79,9 +99,7 @@ class Reconciler:
         namespace, name = key.split("/", 1)
         try:
             cr = self.kube.get(HOLYSHEEPCONFIGS, namespace, name)
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
             self._cleanup(namespace, name)
             return Result()
         if cr["metadata"].get("deletionTimestamp"):
@@ -93,28 +111,31 @@ class Reconciler:
         except ConfigError as exc:
             self._invalid(cr, generation, str(exc))
             return Result()
-        missing = self._missing_secrets(cfg)
+        secrets = self._check_secrets(cfg)
         self._apply_and_prune(cr, cfg, desired, trigger, generation)
-        self._write_ready(cr, cfg, generation, missing)
-        return Result(requeue_after=SECRET_RETRY_SECONDS if missing else None)
+        self._write_ready(cr, cfg, generation, secrets)
+        return Result(requeue_after=SECRET_RETRY_SECONDS if secrets.missing else None)
 
     # Steps ---------------------------------------------------------------------------------
 
-    def _missing_secrets(self, cfg: HolySheepConfig) -> list[str]:
-        missing = []
-        for secret in sorted({p.auth.secret_name for p in cfg.providers if p.auth.secret_name}):
+    def _check_secrets(self, cfg: HolySheepConfig) -> SecretCheck:
+        check = SecretCheck()
+        for p in cfg.providers:
+            if p.auth.secret_name:
+                keys = check.keys.setdefault(p.auth.secret_name, [])
+                if p.auth.key and p.auth.key not in keys:
+                    keys.append(p.auth.key)
+        for secret in sorted(check.keys):
             try:
                 self.kube.get(SECRETS, cfg.namespace, secret, metadata_only=True)
-            except KubeError as exc:
-                if exc.status == 403:
-                    # The default install grants no access to Secrets at all (RBAC cannot grant
-                    # metadata without data), so existence cannot be checked: do not block on it.
-                    log.info("secret existence not checked: forbidden", extra={"secret": secret})
-                    continue
-                if exc.status != 404:
-                    raise
-                missing.append(secret)
-        return missing
+            except Forbidden:
+                # The shipped install grants no access to Secrets at all (RBAC cannot grant
+                # metadata without data), so existence is unknown: say so, do not block on it.
+                log.info("secret existence not checked: forbidden", extra={"config": cfg.name, "secret": secret})
+                check.unverified.append(secret)
+            except NotFound:
+                check.missing.append(secret)
+        return check
 
     def _live(self, res: Resource, namespace: str, name: str) -> dict[str, dict[str, Any]]:
         listing = self.kube.list(res, namespace, naming.label_selector(name))
@@ -145,7 +166,7 @@ class Reconciler:
                     extra={
                         "config": f"{cfg.namespace}/{cfg.name}",
                         "kind": res.kind,
-                        "name": obj["metadata"]["name"],
+                        "object": obj["metadata"]["name"],
                         "reason": why,
                         "trigger": trigger,
                         "generation": generation,
@@ -162,12 +183,11 @@ class Reconciler:
         self._guard()
         try:
             self.kube.delete(res, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
+            pass  # already gone: the outcome we wanted
         log.info(
             "pruned",
-            extra={"config": config, "kind": res.kind, "name": obj["metadata"]["name"], "reason": why},
+            extra={"config": config, "kind": res.kind, "object": obj["metadata"]["name"], "reason": why},
         )
 
     def _cleanup(self, namespace: str, name: str) -> None:
@@ -187,43 +207,36 @@ class Reconciler:
         self.kube.patch_status(HOLYSHEEPCONFIGS, meta["namespace"], meta["name"], new)
 
     def _write_ready(
-        self, cr: dict[str, Any], cfg: HolySheepConfig, generation: int, missing: list[str]
+        self, cr: dict[str, Any], cfg: HolySheepConfig, generation: int, secrets: SecretCheck
     ) -> None:
-        if missing:
+        configured = f"{len(cfg.providers)} provider(s) configured"
+        if secrets.missing:
             ready = status.condition(
                 "Ready",
                 False,
                 "SecretNotFound",
-                f"Secret(s) {', '.join(missing)} not found in namespace {cfg.namespace}; "
+                f"Secret(s) {', '.join(secrets.missing)} not found in namespace {cfg.namespace}; "
                 "the mesh objects are applied and the data plane will pick the Secret up once it exists",
                 generation,
             )
-        else:
+        elif secrets.unverified:
             ready = status.condition(
-                "Ready", True, "Reconciled", f"{len(cfg.providers)} provider(s) configured", generation
+                "Ready",
+                True,
+                "ReconciledSecretsUnverified",
+                f"{configured}; whether the Secret(s) exist is not known: see SecretsVerified",
+                generation,
             )
+        else:
+            ready = status.condition("Ready", True, "Reconciled", configured, generation)
         invalid = status.condition("Invalid", False, "Valid", "spec is valid", generation)
         self._write_status(
             cr,
             {
                 "observedGeneration": generation,
-                "conditions": [ready, invalid],
+                "conditions": [ready, invalid, _secrets_condition(cfg, secrets, generation)],
                 "providerNames": ",".join(p.name for p in cfg.providers),
-                "providers": [
-                    {
-                        "name": p.name,
-                        "host": p.host,
-                        **(
-                            {
-                                "secretName": p.auth.secret_name,
-                                "secretFound": p.auth.secret_name not in missing,
-                            }
-                            if p.auth.secret_name
-                            else {}
-                        ),
-                    }
-                    for p in cfg.providers
-                ],
+                "providers": [_provider_status(p.name, p.host, p.auth.secret_name, secrets) for p in cfg.providers],
             },
         )
 
@@ -243,6 +256,8 @@ class Reconciler:
         new_status["conditions"] = [
             status.condition("Ready", False, "InvalidSpec", message, generation),
             status.condition("Invalid", True, "InvalidSpec", message, generation),
+            # Others (SecretsVerified) describe the last good config, which stays in force.
+            *(c for c in old.get("conditions", []) if c.get("type") not in ("Ready", "Invalid")),
         ]
         # observedGeneration tells users this generation was seen (and refused).
         new_status["observedGeneration"] = generation
@@ -285,3 +300,35 @@ class Reconciler:
                 "count": 1,
             },
         )
+
+
+def _provider_status(name: str, host: str, secret: str | None, secrets: SecretCheck) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "host": host}
+    if secret:
+        entry["secretName"] = secret
+        found = secrets.found(secret)
+        if found is not None:  # absent when unknown: never a guess
+            entry["secretFound"] = found
+    return entry
+
+
+def _secrets_condition(cfg: HolySheepConfig, secrets: SecretCheck, generation: int) -> dict[str, Any]:
+    where = f"in namespace {cfg.namespace}"
+    if not secrets.keys:
+        return status.condition("SecretsVerified", True, "NoneReferenced", "no provider names a Secret", generation)
+    if secrets.missing:
+        message = f"not found {where}: {secrets.describe(secrets.missing)}"
+        if secrets.unverified:
+            message += f"; not readable (forbidden): {secrets.describe(secrets.unverified)}"
+        return status.condition("SecretsVerified", False, "NotFound", message, generation)
+    if secrets.unverified:
+        return status.condition(
+            "SecretsVerified",
+            None,
+            "Forbidden",
+            f"the controller may not read Secrets {where} (RBAC), so it cannot tell whether these exist: "
+            f"{secrets.describe(secrets.unverified)}",
+            generation,
+        )
+    found = f"found {where}: {secrets.describe(sorted(secrets.keys))}"
+    return status.condition("SecretsVerified", True, "Found", found, generation)

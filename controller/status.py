@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from protos.logs import utc_timestamp
+
 
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_timestamp()  # conditions and Events carry a (whole-second) Time
 
 
-def condition(type_: str, status: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+def condition(type_: str, status: bool | None, reason: str, message: str, generation: int) -> dict[str, Any]:
+    """A condition; status None is "Unknown": the controller could not tell (never a guess)."""
     return {
         "type": type_,
-        "status": "True" if status else "False",
+        "status": "Unknown" if status is None else "True" if status else "False",
         "reason": reason,
         "message": message,
         "observedGeneration": generation,

@@ -3,7 +3,7 @@ over real HTTP: every assertion reads what the API server holds or what was sent
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,10 +12,6 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes.client import ApiClient, Configuration
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-
-from controller_kapi import Running
 
 from controller import reconcile
 from controller.kube import (
@@ -29,11 +25,22 @@ from controller.kube import (
     SECRETS,
     SERVICEENTRIES,
     VIRTUALSERVICES,
+    AlreadyExists,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    Invalid,
     Kube,
     KubeError,
+    NotFound,
+    ServerError,
+    TooManyRequests,
+    Unauthorized,
 )
 from controller.manager import Manager, ManagerConfig
 from controller.render import RenderOptions
+from tests.fixtures.controller_kapi import Running
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SELECTOR = "app.kubernetes.io/managed-by=holysheep-mesh,holysheep.ai/config="
@@ -172,7 +179,11 @@ def test_create_applies_owned_objects_and_reports_ready(kapi: Running, user: Kub
             "secretFound": True,
         }
     ]
-    for type_, value, reason in (("Ready", "True", "Reconciled"), ("Invalid", "False", "Valid")):
+    for type_, value, reason in (
+        ("Ready", "True", "Reconciled"),
+        ("Invalid", "False", "Valid"),
+        ("SecretsVerified", "True", "Found"),
+    ):
         c = condition(obj, type_)
         assert (c["status"], c["reason"], c["observedGeneration"]) == (value, reason, 1)
         assert c["message"] and c["lastTransitionTime"]
@@ -253,6 +264,8 @@ def test_invalid_spec_sets_condition_emits_event_and_keeps_objects(
     invalid = condition(obj, "Invalid")
     assert (invalid["status"], invalid["reason"], invalid["observedGeneration"]) == ("True", "InvalidSpec", 2)
     assert "spec.maxRetries" in invalid["message"]
+    kept = condition(obj, "SecretsVerified")  # it describes the last good spec, still in force
+    assert (kept["status"], kept["reason"], kept["observedGeneration"]) == ("True", "Found", 1)
 
     events = wait_for(
         lambda: [
@@ -290,6 +303,111 @@ def test_missing_secret_reports_secret_not_found_then_recovers(
     ready(user, "holysheep-system", "production-cluster", status="True")  # picked up by the requeue
 
 
+@pytest.mark.parametrize("exists", [True, False], ids=["secret-exists", "secret-absent"])
+def test_a_secret_the_controller_may_not_read_is_reported_unknown(
+    kapi: Running, user: Kube, managers: Any, exists: bool
+) -> None:
+    """The shipped RBAC grants no access to Secrets: the API answers 403 to the metadata GET.
+    Status must then say "unknown", and be the same whether or not the Secret exists."""
+    api = kapi.api
+    assert api is not None
+    api.refuse("GET", "secrets", 403, "Forbidden")
+    if exists:
+        secret(user, "holysheep-system", "holysheep-credentials")
+    cr(user, "render_seed.yaml")
+    managers("a")
+    obj = ready(user, "holysheep-system", "production-cluster")
+
+    assert obj["status"]["providers"] == [
+        {"name": "holysheep", "host": "api.holysheep.ai", "secretName": "holysheep-credentials"}
+    ]  # no secretFound: the controller did not see it
+    verified = condition(obj, "SecretsVerified")
+    assert (verified["status"], verified["reason"], verified["observedGeneration"]) == ("Unknown", "Forbidden", 1)
+    assert "holysheep-credentials" in verified["message"] and "api-key" in verified["message"]
+    assert "holysheep-system" in verified["message"]
+    ready_c = condition(obj, "Ready")
+    assert (ready_c["status"], ready_c["reason"]) == ("True", "ReconciledSecretsUnverified")
+    assert "not known" in ready_c["message"] and "found" not in ready_c["message"]
+    assert "c2VjcmV0" not in str(obj)  # never a value
+    assert managed(user, "holysheep-system", "production-cluster")["EnvoyFilter"] == {
+        "holysheep-production-cluster"
+    }  # the mesh objects are applied all the same
+    reads = [
+        r
+        for r in list(api._requests)
+        if r.resource and r.resource.plural == "secrets" and r.headers.get("User-Agent", "").startswith("holysheep")
+    ]
+    assert reads and all(r.method.value == "GET" and r.name == "holysheep-credentials" for r in reads)
+
+
+def test_the_seed_converges_in_one_reconcile_with_info_logging(
+    kapi: Running, user: Kube, managers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the product's INFO logging every log call runs; one that raises would fail the
+    reconcile after its first write and retry with back-off. The API server's request log is the
+    oracle: the reconcile that made the CR Ready is the first one, and it applied every object."""
+    api = kapi.api
+    assert api is not None
+    secret(user, "holysheep-system", "holysheep-credentials")
+    cr(user, "render_seed.yaml")
+    with caplog.at_level(logging.INFO):
+        assert logging.getLogger("controller.reconcile").isEnabledFor(logging.INFO)
+        managers("a")
+        ready(user, "holysheep-system", "production-cluster")
+    sent = [r for r in list(api._requests) if r.headers.get("User-Agent", "").startswith("holysheep-mesh/a")]
+    first_status = next(i for i, r in enumerate(sent) if r.subresource == "status")
+    reconciles = [
+        r
+        for r in sent[:first_status]
+        if r.method.value == "GET" and r.name and r.resource and r.resource.plural == "holysheepconfigs"
+    ]
+    applies = [r for r in sent[:first_status] if r.method.value == "PATCH"]
+    assert len(reconciles) == 1, f"{len(reconciles)} reconciles before the CR was Ready"
+    assert len(applies) == 5
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    applied = {(r.__dict__["kind"], r.__dict__["object"]) for r in caplog.records if r.getMessage() == "applied"}
+    live = managed(user, "holysheep-system", "production-cluster")
+    assert applied == {(kind, name) for kind, names in live.items() for name in names}
+
+
+def test_the_client_raises_typed_errors(kapi: Running, user: Kube) -> None:
+    """Each refusal of the API server (status code and Status reason) as its own type."""
+    api = kapi.api
+    assert api is not None
+    with pytest.raises(NotFound) as nf:
+        user.get(CONFIGMAPS, "apps", "nope")
+    assert nf.value.reason == "NotFound"
+    secret(user, "apps", "s")
+    with pytest.raises(AlreadyExists) as ae:
+        secret(user, "apps", "s")
+    assert isinstance(ae.value, Conflict) and ae.value.status == 409
+    held = user.get(SECRETS, "apps", "s")
+    user.replace(SECRETS, "apps", "s", {**held, "data": {"api-key": "b3RoZXI="}})
+    with pytest.raises(Conflict) as stale:
+        user.replace(SECRETS, "apps", "s", held)  # the resourceVersion we hold is now stale
+    assert not isinstance(stale.value, AlreadyExists) and stale.value.reason == "Conflict"
+    with pytest.raises(BadRequest):  # server-side apply without a fieldManager
+        user.request("PATCH", CONFIGMAPS.path("apps", "x"), body={}, content_type="application/apply-patch+yaml")
+    rv = user.list(CONFIGMAPS, "apps")["metadata"]["resourceVersion"]
+    api.compact()
+    with pytest.raises(Gone) as gone:  # an ERROR event in the watch stream, typed by the client
+        list(user.watch(CONFIGMAPS, "apps", rv, timeout_seconds=2))
+    assert gone.value.reason == "Expired"
+    for code, reason, error in (
+        (401, "Unauthorized", Unauthorized),
+        (403, "Forbidden", Forbidden),
+        (422, "Invalid", Invalid),
+        (429, "TooManyRequests", TooManyRequests),
+        (500, "InternalError", ServerError),
+        (503, "ServiceUnavailable", ServerError),
+    ):
+        api.refuse("GET", "configmaps", code, reason)
+        with pytest.raises(error) as exc:
+            user.list(CONFIGMAPS, "apps")
+        assert (exc.value.status, exc.value.reason) == (code, reason)
+        assert isinstance(exc.value, KubeError)
+
+
 def test_delete_removes_generated_objects(user: Kube, managers: Any) -> None:
     secret(user, "holysheep-system", "holysheep-credentials")
     cr(user, "render_seed.yaml")
@@ -300,9 +418,8 @@ def test_delete_removes_generated_objects(user: Kube, managers: Any) -> None:
         lambda: not any(managed(user, "holysheep-system", "production-cluster").values()), what="cleanup"
     )
     for res in (SERVICEENTRIES, DESTINATIONRULES):
-        with pytest.raises(KubeError) as exc:
+        with pytest.raises(NotFound):
             user.get(res, "holysheep-system", "holysheep-production-cluster-api-holysheep-ai")
-        assert exc.value.status == 404
 
 
 def test_watch_410_gone_lists_again(kapi: Running, user: Kube, managers: Any) -> None:

@@ -7,7 +7,8 @@ client would use (`rest_client.request`). Every request is recorded and turned i
 get, on a collection list (watch=true: watch), POST create, PUT update, PATCH patch, and a
 server-side apply that creates the object is also authorized as create. Scenarios cover
 leader election (acquire, renew, release), list+watch, reconcile (create, drift, prune, missing
-Secret, invalid spec with Event, deletion cleanup).
+Secret, invalid spec with Event, deletion cleanup). With `allowed`, the fake also refuses (403)
+what the RBAC does not grant, so the controller can be run under the shipped RBAC.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ Perm = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
 # Requested by the code but deliberately not granted: the issue forbids Secret data, and RBAC
 # cannot grant a metadata-only read (`get` on secrets returns their data). The reconciler's
-# "does the Secret exist?" check then gets 403; see the report: it must treat 403 as unknown.
+# "does the Secret exist?" check then gets 403, and status reports the Secret as unknown
+# (test_under_the_shipped_rbac_secrets_are_reported_unknown).
 NOT_GRANTED: set[Perm] = {("", "secrets", "get")}
 
 
@@ -78,7 +80,9 @@ class _Config:
 class FakeApiServer:
     """Just enough of an API server: objects by path, label-selector lists, empty watches."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: set[Perm] | None = None) -> None:
+        self.allowed = allowed
+        self.refused: set[Perm] = set()
         self.objects: dict[str, dict[str, Any]] = {}
         # (method, path, query, content type, whether the object existed before)
         self.requests: list[tuple[str, str, dict[str, list[str]], str | None, bool]] = []
@@ -93,6 +97,12 @@ class FakeApiServer:
         path, query = parts.path, parse_qs(parts.query)
         existed = path in self.objects
         self.requests.append((method, path, query, headers.get("Content-Type"), existed))
+        if self.allowed is not None:
+            denied = permission(method, path, query, headers.get("Content-Type"), existed) - self.allowed
+            if denied:
+                self.refused |= denied
+                return _Response(403, {"kind": "Status", "code": 403, "reason": "Forbidden",
+                                       "message": f"forbidden: {sorted(denied)}"})
         data: Any = json.loads(body) if isinstance(body, str | bytes) else body
         if method == "GET" and query.get("watch") == ["true"]:
             if self.on_watch is not None:
@@ -254,3 +264,27 @@ def test_derivation_sees_every_generated_kind() -> None:
     requested = exercise_controller()
     for resource in ("configmaps", "serviceentries", "destinationrules", "virtualservices", "envoyfilters"):
         assert {verb for _, r, verb in requested if r == resource} == {"list", "create", "patch", "delete"}
+
+
+def test_under_the_shipped_rbac_secrets_are_reported_unknown() -> None:
+    """The controller run under exactly the shipped RBAC: only the Secret check is refused, the
+    reconcile completes, and status claims nothing about the Secrets it could not see."""
+    server = FakeApiServer(allowed=granted())
+    kube = Kube(server)  # type: ignore[arg-type]
+    doc = yaml.safe_load((FIXTURES / "render_three_providers.yaml").read_text())
+    ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
+    path = HOLYSHEEPCONFIGS.path(ns, name)
+    server._store(path, doc, created=True)
+
+    result = Reconciler(kube, RenderOptions()).reconcile(f"{ns}/{name}")
+
+    assert server.refused == NOT_GRANTED
+    assert result.requeue_after is None  # nothing is known to be missing, so nothing to wait for
+    status = server.objects[path]["status"]
+    assert status["providers"] and all("secretFound" not in p for p in status["providers"])
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert (conditions["SecretsVerified"]["status"], conditions["SecretsVerified"]["reason"]) == (
+        "Unknown", "Forbidden")
+    for secret_name in {p["secretName"] for p in status["providers"] if "secretName" in p}:
+        assert secret_name in conditions["SecretsVerified"]["message"]
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("True", "ReconciledSecretsUnverified")

@@ -65,7 +65,7 @@ _ERROR_STATUS = {"500": 500, "502": 502, "503": 503, "504": 504}
 GARBAGE_BODY = b"\x00\xff<html>this is not json {{{ garbage\r\n"
 DEFAULT_HANG_S = 3600.0
 
-log = logging.getLogger("holysheep.mock_provider")
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
