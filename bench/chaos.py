@@ -1,6 +1,6 @@
 """Chaos and soak through a real Envoy: ``python -m bench.chaos`` (see bench/README.md).
 
-The stack is the e2e harness's (tests/harness.py): a real Envoy 1.40 whose ext_proc cluster has
+The stack is the one the e2e tests use (extproc/dev/stack.py): a real Envoy 1.40 whose ext_proc cluster has
 TWO ext_proc processes, primary and secondary mock providers, and a real redis-server behind
 cache mode Fallback. An open-loop load (bench/chaos_load.py) runs at a fixed rate while the
 faults below happen one after another; every client request, every request the primary
@@ -25,9 +25,7 @@ import asyncio
 import json
 import os
 import platform
-import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
 from bench.chaos_load import OpenLoopLoad, Result, summarize
 from bench.chaos_observe import (
@@ -50,12 +47,8 @@ from bench.chaos_observe import (
 )
 from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER
 from extproc.dev.mock_provider import MockProvider
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.harness import RedisServer, Stack, terminate  # noqa: E402  (the e2e harness is the stack)
+from extproc.dev.processes import MockProviderProcess, RedisServer
+from extproc.dev.stack import Stack
 
 MODEL = "chaos-model"
 MODEL_V2 = "chaos-model-v2"
@@ -135,77 +128,46 @@ class UpstreamRecord:
     status: int | None
 
 
-class MockProcess:
-    """A mock provider in its own process (``python -m extproc.dev.mock_provider``), driven over HTTP.
+class MockProcess(MockProviderProcess):
+    """A mock provider in its own process, plus what it received, fetched from its /_mock/stats.
 
     Its own interpreter, so the load generator's event loop and GIL never slow the upstream
     down (which would turn CPU contention into provider timeouts). ``placeholder`` is what the
-    harness's Stack renders into the config (name, port, prefix) and does not start.
+    Stack renders into the config (name, port, prefix) and does not start.
     """
 
     def __init__(self, name: str, log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name, log_path)
         self.placeholder = MockProvider(name)
-        self.control = ""
         self.records: dict[int, UpstreamRecord] = {}
         self._seen_total = 0
 
     def start(self, timeout: float = 20.0) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc.dev.mock_provider", "--name", self.name, "--control-port", "0"],
-            stdout=subprocess.PIPE, stderr=log, cwd=str(REPO), start_new_session=True,
-        )
-        log.close()
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < deadline and not line.startswith(b"READY"):
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready or self.proc.poll() is not None:
-                break
-            line = self.proc.stdout.readline()
-        fields = dict(f.split("=", 1) for f in line.decode().split()[1:] if "=" in f)
-        if "port" not in fields:
-            self.stop()
-            raise RuntimeError(f"mock {self.name} did not start")
-        self.placeholder.port = int(fields["port"])
-        self.control = f"http://127.0.0.1:{fields['control_port']}"
-
-    def fault(self, mode: str) -> None:
-        if mode == "ok":
-            httpx.post(self.control + "/_mock/recover", timeout=10).raise_for_status()
-        else:
-            httpx.post(self.control + "/_mock/fault", json={"mode": mode}, timeout=10).raise_for_status()
+        super().start(timeout)
+        self.placeholder.port = self.port
 
     def collect(self) -> None:
         """Fetch the requests received since the last call (the mock keeps the last 10,000)."""
-        total = int(httpx.get(self.control + "/_mock/stats", params={"limit": 0}, timeout=10).json()["total"])
+        total = int(self.stats(limit=0)["total"])
         new = total - self._seen_total
         if new <= 0:
             return
-        stats = httpx.get(self.control + "/_mock/stats", params={"limit": new + 100}, timeout=30).json()
-        for r in stats["requests"]:
+        for r in self.stats(limit=new + 100)["requests"]:
             self.records[r["seq"]] = UpstreamRecord(r["seq"], r["time"], r["path"], r["credential"],
                                                     r["headers"].get("x-chaos-id"), r["status"])
         self._seen_total = total
-
-    def stop(self) -> None:
-        terminate(self.proc)
 
 
 class Rig:
     """Envoy + two ext_procs + primary/secondary mocks + redis-server (blocking calls)."""
 
-    def __init__(self, settings: ChaosSettings) -> None:
+    def __init__(self, settings: ChaosSettings, stack_class: type[Stack] = Stack) -> None:
         self.settings = settings
         self.redis = RedisServer()
         self.workdir = Path(tempfile.mkdtemp(prefix="holysheep-chaos-"))
         self.primary = MockProcess("primary", self.workdir / "mock-primary.log")
         self.secondary = MockProcess("secondary", self.workdir / "mock-secondary.log")
-        self.stack = Stack(
+        self.stack = stack_class(
             settings.config(self.redis.url),
             {"primary": self.primary.placeholder, "secondary": self.secondary.placeholder},
             env={"CHAOS_PRIMARY_KEY": _key(0), "CHAOS_SECONDARY_KEY": SECONDARY_KEY}, extproc_count=2,
@@ -342,9 +304,11 @@ class Phase:
 
 
 class ChaosRun:
-    def __init__(self, settings: ChaosSettings) -> None:
+    """``stack_class``: the tests pass theirs (tests.harness.Stack), which adds the leak guard."""
+
+    def __init__(self, settings: ChaosSettings, stack_class: type[Stack] = Stack) -> None:
         self.s = settings
-        self.rig = Rig(settings)
+        self.rig = Rig(settings, stack_class)
         self.phases: list[Phase] = []
         self.v2 = False
         self.resets: dict[int, list[float]] = {0: [], 1: []}
@@ -583,8 +547,9 @@ class ChaosRun:
 # ---- soak ------------------------------------------------------------------------------------
 
 
-async def run_soak(settings: ChaosSettings, seconds: float, sample_every: float = 5.0) -> dict[str, Any]:
-    rig = Rig(settings)
+async def run_soak(settings: ChaosSettings, seconds: float, sample_every: float = 5.0,
+                   stack_class: type[Stack] = Stack) -> dict[str, Any]:
+    rig = Rig(settings, stack_class)
     await asyncio.to_thread(rig.start)
     try:
         return await _soak(rig, settings, seconds, sample_every)
@@ -720,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-every", type=float, default=5.0, help="soak sampling interval")
     p.add_argument("--timeout", type=float, default=1.0, help="provider timeout in the config (s)")
     p.add_argument("--reset-timeout", type=float, default=2.0, help="circuit resetTimeout (s)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for the JSON")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results")), help="directory for the JSON")
     args = p.parse_args(argv)
     settings = ChaosSettings(rate=args.rate, phase_seconds=args.phase_seconds, timeout=args.timeout,
                              reset_timeout=args.reset_timeout)

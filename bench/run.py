@@ -225,7 +225,7 @@ def table(summary: dict[str, dict[str, Any]], rounds: int) -> str:
 def environment(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     envoy_version = ""
     try:
-        from extproc.dev.devstack import envoy_binary
+        from extproc.dev.processes import envoy_binary
 
         envoy_version = (
             subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=20)

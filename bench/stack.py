@@ -8,29 +8,31 @@
 - floor: bench.floor, a do-nothing ext_proc.
 - front Envoy: extproc.dev.envoy_bootstrap.build_bootstrap() exactly as the dev stack renders it,
   plus passthrough vhosts for the baseline and a second listener whose ext_proc is the floor.
+
+The ext_proc and the front Envoy are the e2e tests' stack (extproc.dev.stack.Stack, no mocks);
+every process is started and stopped by the shared helpers (extproc.dev.processes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from extproc.dev.devstack import envoy_binary
-from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER, BootstrapOptions, Passthrough, build_bootstrap
+from extproc.dev import stack as dev_stack
+from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER
+from extproc.dev.processes import Envoy, Process, free_port, http_get, wait_until
 from protos.filter_config import ext_proc_filter
-from protos.spec import load_file
+
+REPO = Path(__file__).resolve().parents[1]  # `python -m bench.floor` etc. run from the checkout
 
 CHAT_RESPONSE = json.dumps(
     {
@@ -142,13 +144,7 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _BUFFER = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict:
+def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict[str, Any]:
     listeners = []
     for name, (status, body) in UPSTREAMS.items():
         hcm = {
@@ -194,19 +190,8 @@ def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict:
     }
 
 
-def front_bootstrap(config_path: str, ports: dict[str, int]) -> dict:
-    boot = build_bootstrap(
-        load_file(config_path),
-        BootstrapOptions(
-            listen_port=ports["front"],
-            admin_port=ports["front_admin"],
-            extproc_addresses=[("127.0.0.1", ports["grpc"])],
-            passthrough=[
-                Passthrough("bench-baseline", "127.0.0.1", ports["baseline"]),
-                Passthrough("bench-baseline-sse", "127.0.0.1", ports["sse"]),
-            ],
-        ),
-    )
+def add_floor(boot: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
+    """The front Envoy's bootstrap (the dev stack's) plus the floor listener and its cluster."""
     res = boot["static_resources"]
     # Floor: a second listener, same HCM settings, whose (enabled) ext_proc is the do-nothing server
     # and whose routes go straight to the baseline upstreams.
@@ -258,32 +243,6 @@ def front_bootstrap(config_path: str, ports: dict[str, int]) -> dict:
     return boot
 
 
-def _get(url: str, timeout: float = 1.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-
-
-def _wait(url: str, procs: list[subprocess.Popen], deadline: float = 30.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{p.args!r} exited with {p.returncode} before ready")
-        with contextlib.suppress(OSError):
-            if _get(url)[0] == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {deadline}s")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @dataclass
 class Stack:
     workers: int
@@ -291,138 +250,77 @@ class Stack:
     sse_gap_ms: float = 20.0
     log_level: str = "WARNING"
     ports: dict[str, int] = field(default_factory=dict)
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     workdir: str = ""
-    _logs: list = field(default_factory=list)
+    front: dev_stack.Stack | None = None
+    upstream: Envoy | None = None
+    helpers: dict[str, Process] = field(default_factory=dict)
+
+    @property
+    def procs(self) -> dict[str, Any]:
+        """The root process of each piece, by name (its pid roots the tree CPU is charged to)."""
+        out: dict[str, Any] = {name: p.proc for name, p in self.helpers.items()}
+        if self.upstream is not None:
+            out["upstream"] = self.upstream.proc
+        if self.front is not None and self.front.extprocs:
+            out["extproc"] = self.front.extproc.proc
+        if self.front is not None and self.front.envoy is not None:
+            out["front"] = self.front.envoy.proc
+        return out
 
     def start(self) -> Stack:
         self.workdir = tempfile.mkdtemp(prefix="holysheep-bench-")
-        names = [
-            *UPSTREAMS,
-            "upstream_admin",
-            "sse",
-            "grpc",
-            "http",
-            "floor_grpc",
-            "front",
-            "front_admin",
-            "floor_listen",
-        ]
+        work = Path(self.workdir)
+        names = [*UPSTREAMS, "upstream_admin", "sse", "floor_grpc", "floor_listen"]
         self.ports = {n: free_port() for n in names}
         p = self.ports
-        config_path = os.path.join(self.workdir, "bench.yaml")
-        with open(config_path, "w", encoding="utf-8") as fh:
-            fh.write(CONFIG.format(env=API_KEY_ENV, sse=p["sse"], **{k: p[k] for k in UPSTREAMS}))
-        os.makedirs(os.path.join(self.workdir, "secrets"), exist_ok=True)
-        envoy = envoy_binary()
+        config = CONFIG.format(env=API_KEY_ENV, sse=p["sse"], **{k: p[k] for k in UPSTREAMS})
+        self.front = dev_stack.Stack(
+            config,
+            env={API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level},
+            passthrough=[("bench-baseline", p["baseline"]), ("bench-baseline-sse", p["sse"])],
+            workers=self.workers,
+            workdir=work,
+            drain_seconds=1.0,
+            log_level=self.log_level,
+            envoy_concurrency=2,
+            envoy_log_level="error",
+            bootstrap_hook=lambda boot: add_floor(boot, p),
+        )
+        p.update(front=self.front.port, front_admin=self.front.admin_port)
+        self.helpers = {
+            "sse": Process([sys.executable, "-m", "bench.sse_server", "--port", str(p["sse"]), "--chunks",
+                            str(self.sse_chunks), "--gap-ms", str(self.sse_gap_ms)], work / "sse.log", cwd=REPO),
+            "floor": Process([sys.executable, "-m", "bench.floor", "--address", f"127.0.0.1:{p['floor_grpc']}",
+                              "--workers", str(self.workers)], work / "floor.log", cwd=REPO),
+        }
         try:
-            self._spawn_envoy("upstream", envoy, upstream_bootstrap(p, p["upstream_admin"]), 1)
-            self.procs["sse"] = self._popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.sse_server",
-                    "--port",
-                    str(p["sse"]),
-                    "--chunks",
-                    str(self.sse_chunks),
-                    "--gap-ms",
-                    str(self.sse_gap_ms),
-                ]
-            )
-            env = {**os.environ, API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level}
-            env.pop("HOLYSHEEP_WORKER", None)
-            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            self.procs["extproc"] = self._popen(
-                [
-                    # The interpreter running the bench, so an un-activated venv works too.
-                    sys.executable,
-                    "-m",
-                    "extproc.cli",
-                    "extproc",
-                    "--config",
-                    config_path,
-                    "--grpc-address",
-                    f"127.0.0.1:{p['grpc']}",
-                    "--http-address",
-                    f"127.0.0.1:{p['http']}",
-                    "--workers",
-                    str(self.workers),
-                    "--secrets-dir",
-                    os.path.join(self.workdir, "secrets"),
-                    "--drain-seconds",
-                    "1",
-                    "--log-level",
-                    self.log_level,
-                ],
-                env=env,
-            )
-            self.procs["floor"] = self._popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.floor",
-                    "--address",
-                    f"127.0.0.1:{p['floor_grpc']}",
-                    "--workers",
-                    str(self.workers),
-                ]
-            )
-            self._spawn_envoy("front", envoy, front_bootstrap(config_path, p), 2)
-            _wait(f"http://127.0.0.1:{p['upstream_admin']}/ready", list(self.procs.values()))
-            _wait(f"http://127.0.0.1:{p['front_admin']}/ready", list(self.procs.values()))
-            _wait(f"http://127.0.0.1:{p['http']}/ready", list(self.procs.values()))
-            self._wait_port(p["sse"])
-            self._wait_port(p["floor_grpc"])
+            self.upstream = Envoy(upstream_bootstrap(p, p["upstream_admin"]), work, None, p["upstream_admin"],
+                                  name="upstream", concurrency=1, log_level="error")
+            self.upstream.start()
+            for helper in self.helpers.values():
+                helper.start()
+            self.front.start()  # the ext_proc (ready), then the front Envoy (ready)
+            assert self.front.extproc.proc is not None
+            p.update(grpc=self.front.extproc.grpc_port, http=self.front.extproc.http_port)
+            alive = [h.proc for h in self.helpers.values()]
+            wait_until(lambda: _port_open(p["sse"]) and _port_open(p["floor_grpc"]), timeout=20,
+                       what="the SSE upstream and the floor", alive=alive)
             # every worker must be up before measuring: wait until the tree has them all
             from bench.procstat import tree
 
-            end = time.monotonic() + 30
-            while len(tree(self.procs["extproc"].pid)) < 1 + (self.workers if self.workers > 1 else 0):
-                if time.monotonic() > end:
-                    raise RuntimeError("ext_proc workers did not start")
-                time.sleep(0.1)
+            root = self.front.extproc.proc.pid
+            wait_until(lambda: len(tree(root)) >= 1 + (self.workers if self.workers > 1 else 0), timeout=30,
+                       what="ext_proc workers", alive=[self.front.extproc.proc])
             time.sleep(1.0 if self.workers > 1 else 0.2)  # workers bind after they start
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_port(self, port: int, deadline: float = 20.0) -> None:
-        end = time.monotonic() + deadline
-        while not _port_open(port):
-            if time.monotonic() > end:
-                raise RuntimeError(f"port {port} not open")
-            time.sleep(0.1)
-
-    def _popen(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.workdir, os.path.basename(cmd[0]) + f"-{len(self.procs)}.log"), "wb")
-        self._logs.append(log)
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def _spawn_envoy(self, name: str, binary: str, bootstrap: dict, concurrency: int) -> None:
-        path = os.path.join(self.workdir, f"{name}.json")
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(bootstrap, fh, indent=1)
-        self.procs[name] = self._popen(
-            [
-                binary,
-                "-c",
-                path,
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-                "--concurrency",
-                str(concurrency),
-                "--base-id",
-                str(free_port()),
-            ]
-        )
-
     def upstream_count(self, listener: str) -> int:
         """Requests a fake provider has received (its listener's downstream_rq_total)."""
         stat = f"http.{listener}.downstream_rq_total"
-        _, text = _get(f"http://127.0.0.1:{self.ports['upstream_admin']}/stats?filter=^{stat}$")
+        _, text = http_get(f"http://127.0.0.1:{self.ports['upstream_admin']}/stats?filter=^{stat}$")
         for line in text.splitlines():
             key, _, value = line.partition(": ")
             if key == stat:
@@ -430,21 +328,16 @@ class Stack:
         return 0
 
     def stop(self) -> None:
-        for name in ("front", "floor", "extproc", "sse", "upstream"):
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        self.procs.clear()
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
+        if self.front is not None:
+            self.front.stop()
+        for helper in self.helpers.values():
+            helper.stop(grace=10)
+        if self.upstream is not None:
+            self.upstream.stop()
         if self.workdir and not os.environ.get("BENCH_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -68,7 +68,14 @@ def dev_main(args: argparse.Namespace) -> int:
     from protos import logs
 
     logs.setup(args.log_level)
-    from extproc.dev.devstack import DevOptions, run_demo, run_dev
+    try:
+        from extproc.dev.devstack import DevOptions, run_demo, run_dev
+    except ModuleNotFoundError as exc:  # the container image leaves the dev tooling out
+        if not (exc.name or "").startswith("extproc.dev"):
+            raise
+        print("holysheep-mesh dev: the dev tooling (extproc/dev) is not installed here; run it from a "
+              "checkout of the repository (pip install -e .)", file=sys.stderr)
+        return 1
 
     host, port = args.listen
     options = DevOptions(

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from extproc.cache import CachedResponse, ResponseCache, cache_key
+from extproc.dev.processes import RedisServer
 from protos.spec import CacheSpec
-from tests.harness import RedisServer
 
 
 @pytest.fixture(scope="module")

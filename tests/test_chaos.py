@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bench.chaos import ChaosRun, ChaosSettings, chaos_table
+from tests.harness import Stack  # the leak guard watches the chaos run too
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150)]
 
@@ -24,7 +25,7 @@ SETTINGS = ChaosSettings(rate=100, phase_seconds=1.0, timeout=0.5, reset_timeout
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    rep = asyncio.run(ChaosRun(SETTINGS).run())
+    rep = asyncio.run(ChaosRun(SETTINGS, stack_class=Stack).run())
     print("\n" + chaos_table(rep))
     return rep
 

@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from extproc.dev.mock_provider import MockProvider
-from tests.harness import RedisServer, Stack, running, wait_until
+from extproc.dev.processes import RedisServer, wait_until
+from tests.harness import Stack, running
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from extproc.dev.mock_provider import MockProvider
-from tests.harness import Stack, running, wait_until
+from extproc.dev.processes import wait_until
+from tests.harness import Stack, running
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc.dev.devstack import envoy_binary
 from extproc.dev.envoy_bootstrap import BootstrapOptions, build_bootstrap
+from extproc.dev.processes import envoy_binary
 from protos.durations import proto_duration
 from protos.filter_config import ext_proc_filter
 from protos.spec import load_text

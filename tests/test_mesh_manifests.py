@@ -135,10 +135,13 @@ def flags(c: Obj) -> dict[str, str]:
 
 @pytest.mark.parametrize("directory", [".", "monitoring"])
 def test_fallback_loader_agrees_with_kubectl(directory: str) -> None:
-    ours = {_identity(o): o for o in kustomize_build(MESH / directory)}
+    # Without kubectl the other tests read the fallback loader's output, which only this test
+    # checks: it skips then, and under CI a skip fails (tests/conftest.py).
     real = kubectl_build(MESH / directory)
-    if real is not None:
-        assert {_identity(o): o for o in real} == ours
+    if real is None:
+        pytest.skip("needs kubectl (its kustomize) to check the fallback loader against")
+    ours = {_identity(o): o for o in kustomize_build(MESH / directory)}
+    assert {_identity(o): o for o in real} == ours
     assert len(ours) == len(build(directory))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.dev.processes import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "mesh" / "monitoring"
 SEED = (ROOT / "mesh" / "samples" / "production-cluster.yaml").read_text()
@@ -34,17 +35,11 @@ FUNCTIONS = {"sum", "max", "min", "count", "rate", "increase", "histogram_quanti
              "by", "and", "or", "unless", "bool", "on", "ignoring", "group_left", "group_right", "without"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     config = tmp_path_factory.mktemp("extproc") / "config.yaml"
     config.write_text(SEED)
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["HOLYSHEEP_API_KEY"] = "dummy"
     proc = subprocess.Popen(

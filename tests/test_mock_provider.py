@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +19,6 @@ import pytest
 from extproc.dev.mock_provider import MockProvider
 
 KEY = "sk-upstream-secret"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
@@ -331,10 +328,9 @@ def test_http_control_stats_and_reset() -> None:
 
 
 def test_cli_runs_until_sigterm() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["--port", "0", "--name", "cli", "--expect-key", KEY, "--fail", "500", "--control-port", "0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc.dev.mock_provider", *args], stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, "-m", "extproc.dev.mock_provider", *args], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None

