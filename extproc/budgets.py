@@ -1,0 +1,290 @@
+"""Budgets per workload: which budgets a caller spends, admission, refusals and OpenAI's headers.
+
+A budget limits the requests, tokens and US dollars a set of callers may spend in a fixed window
+aligned to the Unix epoch (a 1h window runs from one full hour to the next, on every replica).
+The caller is the authenticated identity (namespace, service account), never something the
+request says. Rules, in the order a request meets them:
+
+- **Matching.** A budget applies when the caller's namespace matches one of ``namespaces`` and
+  its service account one of ``service_accounts`` (shell globs). Its counter is per
+  ``ServiceAccount`` (``ns/sa``), per ``Namespace`` (``ns``) or ``Shared`` (one for every match).
+- **Admission.** One request is counted in every matching budget at once, or in none: when any
+  budget is used up the request is refused and counted nowhere. A refused request is not
+  counted, so a client retrying while refused cannot drain a wider budget (say its namespace's)
+  that its own, narrower one protects, and ``used`` never passes a request limit.
+- **Usage.** Tokens (input + output) and cost are added when the response's usage is known, to
+  the window current then: the request that crosses a token or cost limit completes, the next
+  ones are refused until the window turns. A budget is used up when ``used + 1 > requests``,
+  ``used >= tokens`` or ``used >= costUsd``.
+- **Refusal.** 429 with the budget, the unit and the reset: when several budgets are used up,
+  the one whose window ends last (retrying earlier would be refused again), and within one
+  budget cost before tokens before requests. OpenAI's codes: ``rate_limit_exceeded`` for
+  requests and tokens, ``insufficient_quota`` for cost.
+- **Headers.** Every answer of a budgeted route carries OpenAI's ``x-ratelimit-*-requests``
+  triple, and the ``-tokens`` triple when a token limit applies, each for the tightest matching
+  budget of that unit: the lowest remaining fraction (remaining / limit), ties broken by the
+  sooner reset, then the name. OpenAI's two triples already describe two independent limits, so
+  they may come from two budgets. Figures are as of admission (remaining requests include this
+  one; tokens are those of earlier responses). Cost has no OpenAI header.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from extproc import budget_metrics
+from extproc.budget_store import BudgetStore, CounterRef, Counts, Limits
+
+PER = ("ServiceAccount", "Namespace", "Shared")
+MIN_WINDOW = 1  # the schema (phase 2) will ask for 1m; the engine only needs a positive window
+_MEMO_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """One entry of spec.budgets (moves to the schema in protos/ when budgets are wired in)."""
+
+    name: str
+    window: int  # seconds
+    per: str = "ServiceAccount"
+    namespaces: tuple[str, ...] = ("*",)  # the config's scope is enforced before budgets are
+    service_accounts: tuple[str, ...] = ("*",)
+    requests: int | None = None
+    tokens: int | None = None
+    cost_usd: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.per not in PER:
+            raise ValueError(f"budget {self.name}: per must be one of {', '.join(PER)}, got {self.per!r}")
+        if int(self.window) != self.window or self.window < MIN_WINDOW:
+            raise ValueError(f"budget {self.name}: window must be a whole number of seconds >= {MIN_WINDOW}")
+        for unit, value in (("requests", self.requests), ("tokens", self.tokens), ("costUsd", self.cost_usd)):
+            if value is not None and not value >= 0:  # also refuses NaN
+                raise ValueError(f"budget {self.name}: {unit} must not be negative")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.requests, self.tokens, self.cost_usd)
+
+    def matches(self, namespace: str, service_account: str) -> bool:
+        return any(fnmatch.fnmatchcase(namespace, g) for g in self.namespaces) and any(
+            fnmatch.fnmatchcase(service_account, g) for g in self.service_accounts)
+
+    def subject(self, namespace: str, service_account: str) -> str:
+        """Whose counter: ``*`` cannot be part of a Kubernetes name, so it never names one."""
+        if self.per == "ServiceAccount":
+            return f"{namespace}/{service_account}"
+        return namespace if self.per == "Namespace" else "*"
+
+    def limit(self, unit: str) -> float | None:
+        return {"requests": self.requests, "tokens": self.tokens, "usd": self.cost_usd}[unit]
+
+
+def window_bounds(now: float, window: int) -> tuple[int, int]:
+    """The fixed window holding `now`: [start, end), aligned to the Unix epoch."""
+    start = int(now // window) * window
+    return start, start + window
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's format for x-ratelimit-reset-*: Go durations (``17ms``, ``1s``, ``6m0s``, ``1h0m0s``),
+    rounded up to whole seconds from one second on."""
+    if seconds < 1:
+        ms = max(1, math.ceil(seconds * 1000))
+        if ms < 1000:
+            return f"{ms}ms"
+    whole = max(1, math.ceil(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def format_window(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetFigures:
+    """One matching budget at the time of a decision."""
+
+    budget: BudgetSpec
+    used: Counts
+    reset: float  # seconds until its window ends
+
+    def used_of(self, unit: str) -> float:
+        return {"requests": self.used.requests, "tokens": self.used.tokens, "usd": self.used.cost_usd}[unit]
+
+    def remaining(self, unit: str) -> float:
+        limit = self.budget.limit(unit)
+        return 0 if limit is None else max(0, limit - self.used_of(unit))
+
+    def remaining_fraction(self, unit: str) -> float:
+        limit = self.budget.limit(unit)
+        return 0.0 if not limit else self.remaining(unit) / limit
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    budget: str
+    unit: str  # requests | tokens | usd
+    limit: float
+    window: int
+    reset: float  # seconds until the window ends
+
+    @property
+    def code(self) -> str:
+        return "insufficient_quota" if self.unit == "usd" else "rate_limit_exceeded"
+
+    @property
+    def retry_after(self) -> int:
+        """``retry-after``: whole seconds, rounded up, at least 1."""
+        return max(1, math.ceil(self.reset))
+
+    @property
+    def message(self) -> str:
+        what = {"requests": f"{_number(self.limit)} requests", "tokens": f"{_number(self.limit)} tokens",
+                "usd": f"{_number(self.limit)} USD"}[self.unit]
+        return (f"Budget '{self.budget}' is used up: its limit of {what} per {format_window(self.window)} "
+                f"is reached. It resets in {self.retry_after}s.")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer for one request: figures of every matching budget, and a refusal or none."""
+
+    namespace: str
+    service_account: str
+    figures: tuple[BudgetFigures, ...]
+    refusal: Refusal | None
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+    def headers(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for unit in ("requests", "tokens"):
+            limited = [f for f in self.figures if f.budget.limit(unit) is not None]
+            if not limited:
+                continue
+            tight = min(limited, key=lambda f: (f.remaining_fraction(unit), f.reset, f.budget.name))
+            out += [
+                (f"x-ratelimit-limit-{unit}", _number(tight.budget.limit(unit) or 0)),
+                (f"x-ratelimit-remaining-{unit}", _number(tight.remaining(unit))),
+                (f"x-ratelimit-reset-{unit}", format_reset(tight.reset)),
+            ]
+        return out
+
+
+def _refusal(figures: Sequence[BudgetFigures]) -> Refusal:
+    over = [(f, f.budget.limits.exceeded(f.used)) for f in figures]
+    f, units = max(((f, u) for f, u in over if u), key=lambda fu: fu[0].reset)
+    unit = units[0]  # exceeded() lists usd, then tokens, then requests
+    return Refusal(f.budget.name, unit, f.budget.limit(unit) or 0, f.budget.window, f.reset)
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    spec: BudgetSpec
+    budget_id: int
+    limits: Limits
+
+
+class BudgetEngine:
+    """The budgets of one config over a store. Cheap to rebuild on reload: counts live in the
+    store under keys of (scope, budget name, window), so a new engine finds them."""
+
+    def __init__(
+        self, scope: str, budgets: Sequence[BudgetSpec], store: BudgetStore, clock: Callable[[], float] = time.time,
+    ) -> None:
+        names = [b.name for b in budgets]
+        if len(set(names)) != len(names):
+            raise ValueError("budget names must be unique within a config")
+        self.scope = scope  # e.g. "<config namespace>/<config name>": two configs never share a counter
+        self.store = store
+        self.clock = clock
+        self.budgets = tuple(
+            _Budget(b, int.from_bytes(hashlib.blake2b(f"{scope}\0{b.name}\0{b.window}".encode(), digest_size=8)
+                                      .digest(), "little"), b.limits)
+            for b in budgets
+        )
+        self._matching: dict[tuple[str, str], tuple[_Budget, ...]] = {}
+
+    def matching(self, namespace: str, service_account: str) -> tuple[BudgetSpec, ...]:
+        return tuple(b.spec for b in self._match(namespace, service_account))
+
+    def _match(self, namespace: str, service_account: str) -> tuple[_Budget, ...]:
+        found = self._matching.get((namespace, service_account))
+        if found is None:
+            found = tuple(b for b in self.budgets if b.spec.matches(namespace, service_account))
+            if len(self._matching) >= _MEMO_LIMIT:
+                self._matching.clear()
+            self._matching[(namespace, service_account)] = found
+        return found
+
+    def key(self, spec: BudgetSpec, namespace: str, service_account: str, now: float) -> str:
+        """The counter's key. The braces are a Redis Cluster hash tag: one config's counters
+        share a slot, so one script may touch all of a request's budgets."""
+        start, _ = window_bounds(now, spec.window)
+        return (f"holysheep:budget:v1:{{{self.scope}}}:{spec.name}:{spec.window}:"
+                f"{spec.subject(namespace, service_account)}:{start}")
+
+    def _counters(self, budgets: Sequence[_Budget], namespace: str, service_account: str,
+                  now: float) -> list[CounterRef]:
+        return [CounterRef(self.key(b.spec, namespace, service_account, now), b.budget_id,
+                           float(window_bounds(now, b.spec.window)[1]), b.limits) for b in budgets]
+
+    async def admit(self, namespace: str, service_account: str) -> Admission | None:
+        """None when no budget applies to this caller (nothing counted, no headers)."""
+        budgets = self._match(namespace, service_account)
+        if not budgets:
+            return None
+        now = self.clock()
+        admitted, used = await self.store.admit(self._counters(budgets, namespace, service_account, now), now)
+        figures = tuple(
+            BudgetFigures(b.spec, u, window_bounds(now, b.spec.window)[1] - now)
+            for b, u in zip(budgets, used, strict=True)
+        )
+        refusal = None if admitted else _refusal(figures)
+        if refusal is not None:
+            budget_metrics.REJECTIONS.labels(refusal.budget, refusal.unit).inc()
+        return Admission(namespace, service_account, figures, refusal)
+
+    def record_usage(self, admission: Admission, tokens: int, cost_usd: float) -> None:
+        """A response's usage, for the budgets its request was admitted under; the window
+        current now (a response may finish after its request's window turned)."""
+        if not admission.admitted or not (tokens or cost_usd):
+            return
+        names = {f.budget.name for f in admission.figures}
+        budgets = [b for b in self.budgets if b.spec.name in names]
+        now = self.clock()
+        self.store.add_usage(self._counters(budgets, admission.namespace, admission.service_account, now),
+                             max(0, tokens), max(0.0, cost_usd), now)
+
+    def export_metrics(self) -> None:
+        """Set holysheep_budget_used/limit from the replica's counters (at scrape time: the
+        counters change with every request, the gauges only need to be right when read)."""
+        now = self.clock()
+        peaks = self.store.table().peaks(now)
+        for b in self.budgets:
+            peak = peaks.get(b.budget_id, Counts())
+            for unit, used in (("requests", peak.requests), ("tokens", peak.tokens), ("usd", peak.cost_usd)):
+                limit = b.spec.limit(unit)
+                if limit is None:
+                    continue
+                budget_metrics.USED.labels(b.spec.name, unit).set(used)
+                budget_metrics.LIMIT.labels(b.spec.name, unit).set(limit)

