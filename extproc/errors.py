@@ -98,3 +98,45 @@ class InternalError(ClientError):
 
     def __init__(self) -> None:
         super().__init__("The holysheep-mesh data plane failed to process the request")
+
+
+# --- API translation (extproc/translate): a route whose provider speaks another API family ---
+
+
+class UntranslatableField(ClientError):
+    """A request field the provider's API has no equivalent for: a 400 naming it, never a silent drop."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, field: str, api: str, reason: str) -> None:
+        super().__init__(f"'{field}' cannot be translated for this route's {api} provider: {reason}", param=field)
+
+
+class UntranslatableEndpoint(ClientError):
+    code = "unsupported_endpoint"
+
+    def __init__(self, endpoint: str, api: str) -> None:
+        super().__init__(f"The endpoint {endpoint[:200]} cannot be served by this route's {api} provider")
+
+
+class UntranslatableAnswer(ClientError):
+    """A provider's answer that could not be re-expressed in the client's API."""
+
+    status = 502
+    type = "server_error"
+    code = "untranslatable_provider_response"
+
+    def __init__(self, api: str, detail: str) -> None:
+        super().__init__(f"The {api} provider's answer could not be translated: {detail}")
+
+
+class ProviderError(ClientError):
+    """A provider's own error re-expressed in OpenAI's format, for a client of another API family.
+
+    The message is the provider's: providers mask keys in theirs, and an untranslated failover
+    answer passes it on unchanged too.
+    """
+
+    def __init__(self, status: int, kind: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code = status, kind, code
