@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from extproc.adapter import ProviderAdapter
 from extproc.auth import headers_to_remove
 from extproc.breaker import CircuitBreaker
 from extproc.cache import ResponseCache
@@ -26,6 +27,7 @@ class Provider:
     config: HolySheepConfig
     breaker: CircuitBreaker
     timeout: float
+    adapter: ProviderAdapter  # how requests to it are addressed, authenticated (and translated)
     remove_headers: list[str] = field(default_factory=list)
 
     @property
@@ -78,13 +80,23 @@ class Runtime:
                     breaker.trial_timeout = timeout
                 else:
                     breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, timeout, breaker_slot(spec.name))
-                provider = Provider(spec, cfg, breaker, timeout, headers_to_remove(spec.auth, credential_headers))
+                adapter = ProviderAdapter(spec, credentials)
+                remove = headers_to_remove(spec.auth, credential_headers)
+                provider = Provider(spec, cfg, breaker, timeout, adapter, remove)
                 self.providers[spec.name] = provider
                 self.by_authority.setdefault(spec.authority, provider)
         self.retired_caches = list(old_caches.values())
         # Tenant scope is needed before the model (and so the config) is known.
         self.tenant_header = self.configs[0].cache.tenant_header if self.configs else "x-holysheep-tenant"
         credentials.track(p.spec.auth for p in self.providers.values())
+
+    def provider_for_host(self, host: str) -> Provider | None:
+        """The provider a bodyless call (GET /v1/models) goes to: the one its host names, with or
+        without the port; with a single provider, that one."""
+        provider = self.by_authority.get(host) or self.by_authority.get(host.partition(":")[0])
+        if provider is None and len(self.providers) == 1:
+            provider = next(iter(self.providers.values()))
+        return provider
 
     def cache_for(self, cfg: HolySheepConfig) -> ResponseCache:
         return self.caches[f"{cfg.namespace}/{cfg.name}"]

@@ -10,7 +10,8 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from extproc.errors import InternalError
-from extproc.processor import RequestProcessor
+from extproc.identity import caller_from_node_metadata
+from extproc.processor import Answer, Processor, RequestProcessor
 from protos import messages as m
 
 log = logging.getLogger(__name__)
@@ -27,23 +28,31 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self.in_flight += 1
         self.idle.clear()
-        proc = RequestProcessor(self.plane.runtime, self.plane.upstream, self.plane.spawn)
+        # The caller's identity: today from the node metadata Envoy sends with each request; an
+        # identity from the stream's transport (the peer's mTLS certificate) is read here, once
+        # per stream, and handed over the same way.
+        proc: Processor = RequestProcessor(
+            self.plane.runtime, self.plane.upstream, self.plane.spawn, identify=caller_from_node_metadata
+        )
         loop = asyncio.get_running_loop()
         try:
             while True:
                 req = await context.read()
                 if req is grpc.aio.EOF:
                     return
+                phase = req.WhichOneof("request")
                 try:
-                    resp = await self._handle(proc, req)
+                    answer = _answer(proc, phase, req)
+                    # Only a phase that needs I/O returns an awaitable: the hot path awaits nothing.
+                    resp = answer if isinstance(answer, m.ProcessingResponse) else await answer
                 except Exception:
                     # A bug must cost one request a clean 500, never the stream or the server.
                     log.exception("ext_proc processing failed")
-                    resp = proc._error(InternalError())
-                if req.HasField("response_body"):
+                    resp = proc.reject(InternalError())
+                if phase == "response_body":
                     # Scheduled before the write is awaited: it runs once the ack is handed to
                     # gRPC, and still runs if Envoy closes the stream right after the last ack.
-                    loop.call_soon(_account, proc, req)
+                    loop.call_soon(_after_response_body, proc, req)
                 await context.write(resp)
                 if _ends_exchange(req, resp):
                     # Envoy sends nothing after this answer, so close the stream now instead of
@@ -58,22 +67,21 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
             if self.in_flight == 0:
                 self.idle.set()
 
-    @staticmethod
-    async def _handle(proc: RequestProcessor, req: m.ProcessingRequest) -> m.ProcessingResponse:
-        phase = req.WhichOneof("request")
-        if phase == "request_headers":
-            return proc.on_request_headers(req)
-        if phase == "request_body":
-            resp = proc.on_request_body(req)
-            return resp if resp is not None else await proc.resolve()
-        if phase == "response_headers":
-            resp = proc.on_response_headers(req)
-            return resp if resp is not None else await proc.failover()
-        if phase == "response_body":
-            return m.CONTINUE_RESPONSE_BODY
-        if phase == "request_trailers":
-            return m.CONTINUE_REQUEST_TRAILERS
-        return m.CONTINUE_RESPONSE_TRAILERS
+
+def _answer(proc: Processor, phase: str | None, req: m.ProcessingRequest) -> Answer:
+    """The processor's answer for one ext_proc message; trailers are never asked for (the
+    filter's mode skips them) and are let through."""
+    if phase == "request_headers":
+        return proc.request_headers(req)
+    if phase == "request_body":
+        return proc.request_body(req)
+    if phase == "response_headers":
+        return proc.response_headers(req)
+    if phase == "response_body":
+        return proc.response_body(req)
+    if phase == "request_trailers":
+        return m.CONTINUE_REQUEST_TRAILERS
+    return m.CONTINUE_RESPONSE_TRAILERS
 
 
 def _ends_exchange(req: m.ProcessingRequest, resp: m.ProcessingResponse) -> bool:
@@ -90,7 +98,7 @@ def _ends_exchange(req: m.ProcessingRequest, resp: m.ProcessingResponse) -> bool
     return False
 
 
-def _account(proc: RequestProcessor, req: m.ProcessingRequest) -> None:
+def _after_response_body(proc: Processor, req: m.ProcessingRequest) -> None:
     try:
         proc.after_response_body(req)
     except Exception:

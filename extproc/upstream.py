@@ -21,6 +21,12 @@ _DROP_RESPONSE_HEADERS = frozenset(
 )
 
 
+def is_failure(status: int) -> bool:
+    """Whether a provider's answer counts against it: the circuit breaker counts it, and the
+    request moves on to the next backend. A 4xx other than 429 is the client's to see."""
+    return status >= 500 or status == 429
+
+
 @dataclass
 class UpstreamResult:
     status: int
@@ -31,7 +37,7 @@ class UpstreamResult:
 
     @property
     def failed(self) -> bool:
-        return self.error is not None or self.status >= 500 or self.status == 429
+        return self.error is not None or is_failure(self.status)
 
     @property
     def content_type(self) -> str:

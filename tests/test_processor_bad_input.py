@@ -1,13 +1,15 @@
 """Regressions found by the atheris harness (tests/fuzz/fuzz_request_body.py), in-process.
 
 Each test drives a real ``RequestProcessor`` with real ext_proc protobufs, as
-``extproc/service.py`` does, and pins one input the fuzzer found mishandled.
+``extproc/service.py`` does (a phase's answer awaited only when it is an awaitable), and pins
+one input the fuzzer found mishandled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from prometheus_client import REGISTRY, generate_latest
 from extproc import metrics
 from extproc.cache import cache_key
 from extproc.credentials import CredentialStore
-from extproc.processor import RequestProcessor
+from extproc.processor import Answer, RequestProcessor
 from extproc.runtime import Runtime
 from extproc.upstream import UpstreamClient, UpstreamResult
 from protos.spec import load_text
@@ -59,11 +61,19 @@ def _headers(path: bytes, end_of_stream: bool = False, method: bytes | None = No
     ]), end_of_stream=end_of_stream))
 
 
+async def _awaited(answer: Awaitable[pb.ProcessingResponse]) -> pb.ProcessingResponse:
+    return await answer
+
+
+def _resolved(answer: Answer) -> pb.ProcessingResponse:
+    """A phase's answer as service.py gets it: ready, or awaited."""
+    return answer if isinstance(answer, pb.ProcessingResponse) else asyncio.run(_awaited(answer))
+
+
 def _run(runtime: Runtime, path: bytes, body: bytes) -> pb.ProcessingResponse:
     proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
-    proc.on_request_headers(_headers(path))
-    resp = proc.on_request_body(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
-    return resp if resp is not None else asyncio.run(proc.resolve())
+    proc.request_headers(_headers(path))
+    return _resolved(proc.request_body(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))))
 
 
 def _set_headers(common: pb.CommonResponse) -> dict[str, bytes]:
@@ -77,7 +87,7 @@ def test_non_ascii_query_bytes_reach_the_provider_unchanged(runtime: Runtime) ->
     assert _set_headers(resp.request_body.response)[":path"] == b"/v1/chat/completions" + query
 
     proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
-    bodyless = proc.on_request_headers(_headers(b"/v1/models?x=\xff", end_of_stream=True))
+    bodyless = proc.request_headers(_headers(b"/v1/models?x=\xff", end_of_stream=True))
     assert _set_headers(bodyless.request_headers.response)[":path"] == b"/v1/models?x=\xff"
 
 
@@ -108,11 +118,11 @@ def test_bodyless_post_to_an_ai_endpoint_is_model_required(runtime: Runtime) -> 
     # Was (through Envoy): no body phase follows a bodyless POST, so the request fell through to
     # the catch-all route's 404 unknown_endpoint instead of 400 model_required.
     proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
-    resp = proc.on_request_headers(_headers(b"/v1/chat/completions", end_of_stream=True, method=b"POST"))
+    resp = proc.request_headers(_headers(b"/v1/chat/completions", end_of_stream=True, method=b"POST"))
     assert resp.immediate_response.status.code == 400, resp
     assert json.loads(resp.immediate_response.body)["error"]["code"] == "model_required"
     proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
-    routed = proc.on_request_headers(_headers(b"/v1/models", end_of_stream=True, method=b"POST"))
+    routed = proc.request_headers(_headers(b"/v1/models", end_of_stream=True, method=b"POST"))
     assert routed.WhichOneof("response") == "request_headers"
 
 
@@ -129,11 +139,13 @@ def test_client_chosen_model_names_cannot_grow_metric_series_without_bound(
     names = [f"local-cardinality-{i}" for i in range(8)]
     for name in names:
         proc = RequestProcessor(runtime, NoNetwork(), lambda coro: coro.close())
-        proc.on_request_headers(_headers(b"/v1/chat/completions"))
-        routed = proc.on_request_body(pb.ProcessingRequest(request_body=pb.HttpBody(
+        proc.request_headers(_headers(b"/v1/chat/completions"))
+        routed = proc.request_body(pb.ProcessingRequest(request_body=pb.HttpBody(
             body=json.dumps({"model": name}).encode(), end_of_stream=True)))
-        assert routed is not None and routed.WhichOneof("response") == "request_body"
-        assert proc.on_response_headers(ok) is not None
+        # A backend is available and the cache is Fallback: answered at once, no coroutine.
+        assert isinstance(routed, pb.ProcessingResponse) and routed.WhichOneof("response") == "request_body"
+        answered = proc.response_headers(ok)
+        assert isinstance(answered, pb.ProcessingResponse) and answered.HasField("response_headers")
     text = generate_latest(REGISTRY).decode()
     labelled = [n for n in names if f'model="{n}"' in text]
     assert labelled == names[:3]

@@ -9,8 +9,8 @@ spliced, BOM- or UTF-16-prefixed, wrapped, deeply nested, lone-surrogate escapes
 whitespace/key-order variant of the one cached request; a bodyless request; or (rarely) a body
 just over the 8 MiB limit. The request is turned into real Envoy ``ProcessingRequest`` protobufs
 (``request_headers``, then ``request_body`` with ``end_of_stream``) and driven through a
-``RequestProcessor`` exactly as ``extproc/service.py`` does: ``on_request_headers``, then
-``on_request_body``, then ``await resolve()`` when that returns None. Continue answers are
+``RequestProcessor`` exactly as ``extproc/service.py`` does: ``request_headers``, then
+``request_body``, whose answer is awaited when it is an awaitable. Continue answers are
 optionally followed by a 200 ``response_headers`` and fuzzed ``response_body`` chunks through
 ``after_response_body`` (usage accounting of whatever a provider sends back).
 
@@ -22,8 +22,8 @@ one answer pre-stored in the fallback cache); a fuzzed bit picks one per input.
 
 No network I/O, and nothing stubbed on the request path: with a memory-only Fallback cache the
 processor answers the body phase synchronously whenever a backend is available (the first
-attempt is Envoy's to send), and ``resolve()`` -- reached only when every circuit is open --
-awaits nothing but the in-memory cache. So ``resolve()`` is driven by hand with
+attempt is Envoy's to send), and the awaitable answer -- returned only when every circuit is
+open -- awaits nothing but the in-memory cache. So it is driven by hand with
 ``coroutine.send(None)``: if it ever suspends, it would have done real I/O, and that is reported
 as a failure. The ``UpstreamClient`` given to the processor raises if called, and the providers'
 base URLs use the reserved ``.invalid`` TLD, so nothing could leave the process anyway.
@@ -31,7 +31,8 @@ base URLs use the reserved ``.invalid`` TLD, so nothing could leave the process 
 Invariants, checked against an independent oracle for every input (any violation or any
 exception is a crash: libFuzzer writes the input to ``crash-*`` and exits non-zero):
 
-* ``up``: either a ``request_body`` continue response routed to the right provider (per the
+* ``up``: answered at once (a ``ProcessingResponse``, never an awaitable), either a
+  ``request_body`` continue response routed to the right provider (per the
   route table: ``:authority``, ``:path`` = base path + endpoint suffix with the client's query,
   the provider's own credential header, client credential headers removed, a rewritten body
   with a matching ``content-length`` only when the route rewrites the model), or an
@@ -82,7 +83,7 @@ with atheris.instrument_imports(include=["extproc", "protos"]):
     from extproc.api import ENDPOINTS
     from extproc.cache import CachedResponse, cache_key
     from extproc.credentials import CredentialStore
-    from extproc.processor import CACHE_HEADER, MAX_REQUEST_BYTES, PROVIDER_HEADER, RequestProcessor
+    from extproc.processor import CACHE_HEADER, MAX_REQUEST_BYTES, PROVIDER_HEADER, Answer, RequestProcessor
     from extproc.runtime import Runtime
     from extproc.upstream import UpstreamClient, UpstreamResult
     from protos.spec import load_text
@@ -197,6 +198,16 @@ def _run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
         return done.value
     coro.close()
     raise AssertionError("coroutine suspended: it would have done network I/O")
+
+
+def _resolved(answer: Answer) -> pb.ProcessingResponse:
+    """A phase's answer as service.py gets it: ready, or (here: without I/O) awaited."""
+    if isinstance(answer, pb.ProcessingResponse):
+        return answer
+    assert isinstance(answer, Coroutine), f"an answer must be a response or a coroutine: {answer!r}"
+    resp = _run_sync(answer)
+    assert isinstance(resp, pb.ProcessingResponse), resp
+    return resp
 
 
 UP, DOWN = _build_runtimes()
@@ -493,8 +504,9 @@ def check_response_phase(case: Case, proc: RequestProcessor, provider: str) -> N
         base_pb2.HeaderValue(key="content-type", raw_value=fdp.PickValueInList([b"application/json",
                                                                                  b"text/event-stream"])),
     ])))
-    resp = proc.on_response_headers(status)
-    assert resp is not None and resp.WhichOneof("response") == "response_headers", resp
+    resp = proc.response_headers(status)
+    assert isinstance(resp, pb.ProcessingResponse), "a success needs no I/O: answered at once"
+    assert resp.WhichOneof("response") == "response_headers", resp
     sets, _ = mutations(resp.response_headers.response)
     assert sets == {PROVIDER_HEADER: provider.encode()}, sets
     assert resp.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
@@ -509,7 +521,7 @@ def check_response_phase(case: Case, proc: RequestProcessor, provider: str) -> N
 def drive(case: Case) -> str:
     runtime = DOWN if case.runtime_down else UP
     proc = RequestProcessor(runtime, NO_NETWORK, _spawn)
-    first = proc.on_request_headers(headers_request(case))
+    first = proc.request_headers(headers_request(case))
     if case.bodyless:
         headers = case.header_map()
         if headers[":method"] == b"POST" and expected_suffix(headers.get(":path", b"/").decode("latin-1")):
@@ -528,9 +540,10 @@ def drive(case: Case) -> str:
         assert sets.get(auth_header) == auth_value.encode(), sets
         return "bodyless-routed"
     assert first == pb.ProcessingResponse(request_headers=pb.HeadersResponse()), first
-    resp = proc.on_request_body(body_request(case.body))
-    if resp is None:
-        resp = _run_sync(proc.resolve())
+    answer = proc.request_body(body_request(case.body))
+    if not case.runtime_down:
+        assert isinstance(answer, pb.ProcessingResponse), "with a backend available the body phase needs no I/O"
+    resp = _resolved(answer)
     want = expected(case)
     if isinstance(want, tuple):
         check_error(resp, *want)

@@ -1,0 +1,145 @@
+"""What a request is counted as and leaves behind: request, token and cost metrics per provider
+and per calling workload, and the cache's copy of a successful answer.
+
+Usage is read from the answer (a JSON body, or a stream's SSE events) once it is complete; for
+a streamed answer that is after the last chunk's ack (service.py), so none of this delays a
+client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from extproc import metrics
+from extproc.api import ApiSchema, Endpoint, ParsedRequest, Usage
+from extproc.attempts import Attempt
+from extproc.cache import CachedResponse, ResponseCache, cache_key
+from extproc.identity import Caller
+from extproc.runtime import Pricing
+from extproc.sse import SSEAssembler
+
+# Past the cache's entry limit only this much of a streamed answer is kept: its end, where a
+# stream's usage event lives.
+USAGE_TAIL = 16 << 10
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+def count_answer(attempt: Attempt, status: int, caller: Caller) -> None:
+    """A provider answered (successfully, or with a client error)."""
+    metrics.REQUESTS.labels(attempt.provider.name, attempt.label, str(status)).inc()
+    if caller.workload:
+        metrics.WORKLOAD_REQUESTS.labels(caller.namespace, caller.workload).inc()
+
+
+def count_failure(attempt: Attempt, status: int) -> None:
+    """A provider failed (upstream.is_failure); the request moves on to the next backend."""
+    metrics.REQUESTS.labels(attempt.provider.name, attempt.label, str(status)).inc()
+
+
+def usage_of(body: bytes, schema: ApiSchema, streaming: bool) -> tuple[Usage | None, bool]:
+    """Usage from a JSON answer or the last SSE event that carries one; and whether it is whole."""
+    if not streaming:
+        try:
+            return schema.usage(json.loads(body)), True
+        except ValueError:
+            return None, False
+    sse = SSEAssembler()
+    sse.feed(body)
+    usage: Usage | None = None
+    for event in sse.json_events():
+        found = schema.usage(event)
+        if found is not None:
+            usage = Usage(max(found.input_tokens, usage.input_tokens if usage else 0),
+                          max(found.output_tokens, usage.output_tokens if usage else 0))
+    return usage, sse.complete
+
+
+class ResponseCopy:
+    """A streamed answer's chunks, copied for usage and the cache: all of them while they fit
+    the cache's entry limit, past it only the tail."""
+
+    __slots__ = ("_chunks", "_limit", "_size", "_tail")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._chunks is not None and self._size <= self._limit:
+            self._chunks.append(chunk)
+            return
+        if self._chunks:
+            self._tail = b"".join(self._chunks)
+        self._chunks = None
+        self._tail = (self._tail + chunk)[-USAGE_TAIL:]
+
+    @property
+    def whole(self) -> bool:
+        """Whether every chunk was kept, so the answer may be cached."""
+        return self._chunks is not None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._chunks) if self._chunks is not None else self._tail
+
+
+@dataclass(slots=True)
+class Ledger:
+    """The accounting of one routed request: its caller, its config's prices and cache."""
+
+    caller: Caller
+    endpoint: Endpoint
+    parsed: ParsedRequest
+    pricing: Pricing
+    cache: ResponseCache
+    spawn: Spawn
+    _key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The cache key: the caller's scope, the endpoint and the canonical body, never the
+        credential. Computed at most once, and only when the cache is used."""
+        if self._key is None:
+            self._key = cache_key(self.caller.tenant, self.endpoint.suffix, self.parsed.payload)
+        return self._key
+
+    async def lookup(self, event: Literal["hit", "fallback"]) -> CachedResponse | None:
+        """The cached answer, counted as `event` when found; an Always-mode lookup ("hit") that
+        finds nothing counts as a miss."""
+        found = await self.cache.get(self.key)
+        if found is not None:
+            metrics.CACHE_EVENTS.labels(event).inc()
+        elif event == "hit":
+            metrics.CACHE_EVENTS.labels("miss").inc()
+        return found
+
+    def settle(self, attempt: Attempt, body: bytes, status: int, content_type: str, whole: bool = True) -> None:
+        """A successful answer is complete: its usage, its cost, and its copy in the cache."""
+        usage, complete = usage_of(body, self.endpoint.schema, self.parsed.stream)
+        if usage is not None:
+            self._record_usage(attempt, usage)
+        if whole and complete and self.cache.enabled and body and status < 300:
+            self.spawn(self.cache.put(self.key, CachedResponse(status, content_type, body)))
+
+    def _record_usage(self, attempt: Attempt, usage: Usage) -> None:
+        # Where the answer's usage is first known: a budget would be charged here.
+        name, model = attempt.provider.name, attempt.label
+        metrics.TOKENS.labels(name, model, "input").inc(usage.input_tokens)
+        metrics.TOKENS.labels(name, model, "output").inc(usage.output_tokens)
+        cost = self.pricing.cost(attempt.model, usage.input_tokens, usage.output_tokens)
+        if cost:
+            metrics.COST.labels(name, model).inc(cost)
+        caller = self.caller
+        if caller.workload:
+            ns, wl = caller.namespace, caller.workload
+            metrics.WORKLOAD_TOKENS.labels(ns, wl, model, "input").inc(usage.input_tokens)
+            metrics.WORKLOAD_TOKENS.labels(ns, wl, model, "output").inc(usage.output_tokens)
+            if cost:
+                metrics.WORKLOAD_COST.labels(ns, wl, model).inc(cost)

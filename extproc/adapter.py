@@ -1,0 +1,68 @@
+"""How the data plane speaks to one provider: where a request goes, with which credential, in
+which API.
+
+In the style of Envoy AI Gateway's backend auth handlers and translators, everything that
+depends on the provider an attempt goes to sits behind ``ProviderAdapter``: the processor asks
+it for the request's path, body and headers and never looks at an auth type or an API itself.
+A provider with another API (Anthropic's Messages for an OpenAI client, say) is a subclass that
+overrides the request methods here and adds the response side, chosen where ``Runtime`` builds
+the adapters.
+"""
+
+from __future__ import annotations
+
+from extproc.api import Endpoint, ParsedRequest, encode_with_model
+from extproc.auth import auth_headers
+from extproc.credentials import CredentialStore
+from protos.spec import ProviderSpec
+
+Headers = list[tuple[str, bytes]]
+
+
+class ProviderAdapter:
+    """A provider that speaks the client's API: the request goes out as the client sent it, the
+    model rewritten when the backend asks, with the provider's credential."""
+
+    __slots__ = ("_authority", "_base_path", "_base_url", "_credentials", "spec")
+
+    def __init__(self, spec: ProviderSpec, credentials: CredentialStore) -> None:
+        self.spec = spec
+        self._credentials = credentials  # read per request: a rotated Secret applies at once
+        # Parsed once here, not per request (ProviderSpec's URL parts are computed properties).
+        self._authority = spec.authority.encode()
+        self._base_path = spec.base_path.encode()
+        self._base_url = spec.base_url.rstrip("/")
+
+    # --- request: what goes to the provider ---------------------------------------------------
+
+    def request_suffix(self, endpoint: Endpoint) -> str:
+        """The endpoint on the provider, after its base path (with the client's query)."""
+        return endpoint.suffix
+
+    def request_body(self, parsed: ParsedRequest, model: str | None) -> bytes | None:
+        """The body to send for a backend that rewrites the model to `model`; None when the
+        client's body goes unchanged."""
+        return encode_with_model(parsed, model) if model else None
+
+    def auth_headers(self) -> Headers:
+        """The credential headers; none when the credential cannot be read (the client's own
+        value of them is removed all the same: ``Provider.remove_headers``)."""
+        credential = self._credentials.get(self.spec.auth)
+        return auth_headers(self.spec.auth, credential) if credential is not None else []
+
+    def request_headers(self, suffix: str, body: bytes | None) -> Headers:
+        """The one header set of an attempt: Envoy's header mutation for the first attempt, and
+        (``Attempt.call_headers``) the processor's own call on failover.
+
+        Header text is latin-1-decoded bytes (protos.messages.headers_to_dict): the suffix is
+        encoded back the same way, so a client's query bytes reach the provider unchanged.
+        """
+        headers = [(":authority", self._authority), (":path", self._base_path + suffix.encode("latin-1"))]
+        headers += self.auth_headers()
+        if body is not None:
+            headers.append(("content-length", str(len(body)).encode()))
+        return headers
+
+    def url(self, suffix: str) -> str:
+        """The URL of the processor's own call to the provider (failover)."""
+        return self._base_url + suffix
