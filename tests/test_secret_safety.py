@@ -88,7 +88,9 @@ def test_a_credential_in_a_log_record_is_redacted() -> None:
 def _error_args(cls: type[errors.ClientError]) -> dict[str, Any]:
     samples: dict[str, Any] = {
         "message": "m", "param": "p", "detail": "d", "model": "gpt-4o", "size": 9, "limit": 8,
-        "path": "/v1/x", "tried": ["a", "b"], "skipped": ["c"],
+        "path": "/v1/x", "tried": ["a", "b"], "skipped": ["c"], "field": "logprobs", "api": "Anthropic",
+        "reason": "r", "endpoint": "/v1/embeddings", "status": 400, "kind": "invalid_request_error",
+        "code": "c",
     }
     params = inspect.signature(cls.__init__).parameters
     return {n: samples[n] for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty}
