@@ -1,4 +1,4 @@
-"""`holysheep-mesh render` and `holysheep-mesh controller`, to be wired into the console script."""
+"""`holysheep-mesh render`, `crd` and `controller`, wired into the console script by extproc.cli."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from controller import naming
+from controller import crd, naming
 from controller.render import RenderOptions, dump_stream, render_all
 from protos.spec import ConfigError, load_text
 
@@ -51,6 +51,9 @@ def add_subcommands(subparsers: Any) -> None:
     _add_extproc_flags(render)
     render.set_defaults(func=render_main)
 
+    crd_cmd = subparsers.add_parser("crd", help="print the HolySheepConfig CRD (mesh/crd/holysheepconfig.yaml)")
+    crd_cmd.set_defaults(func=crd_main)
+
     ctl = subparsers.add_parser("controller", help="run the HolySheepConfig controller")
     _add_extproc_flags(ctl)
     ctl.add_argument("--namespace", default=None, help="watch one namespace only (default: all)")
@@ -75,6 +78,11 @@ def render_main(args: argparse.Namespace) -> int:
         print(f"holysheep-mesh render: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(dump_stream(objects))
+    return 0
+
+
+def crd_main(args: argparse.Namespace) -> int:
+    sys.stdout.write(crd.crd_yaml())
     return 0
 
 

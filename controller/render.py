@@ -13,7 +13,6 @@ from typing import Any
 import yaml
 
 from controller import naming
-from controller.crd import apply_defaults
 from protos.durations import format_duration
 from protos.filter_config import (
     FILTER_NAME,
@@ -23,7 +22,7 @@ from protos.filter_config import (
     local_reply_config,
     message_timeout_for,
 )
-from protos.spec import ConfigError, HolySheepConfig, ProviderSpec
+from protos.spec import ConfigError, HealthCheckSpec, HolySheepConfig, ProviderSpec, apply_defaults
 
 NETWORKING_V1 = "networking.istio.io/v1"
 NETWORKING_V1ALPHA3 = "networking.istio.io/v1alpha3"
@@ -129,7 +128,8 @@ def destination_rule(cfg: HolySheepConfig, group: HostGroup, opts: RenderOptions
     }
     cb = cfg.circuit_breaker
     if cb.enabled:
-        interval = cfg.health_check.interval if cfg.health_check else 10.0
+        # Without active checks, Envoy's outlier detection still runs at the checks' default pace.
+        interval = (cfg.health_check or HealthCheckSpec()).interval
         policy["outlierDetection"] = {
             "consecutive5xxErrors": cb.failure_threshold,
             "interval": format_duration(interval),
@@ -236,8 +236,9 @@ def envoy_filter(cfg: HolySheepConfig, groups: list[HostGroup], opts: RenderOpti
             }
         )
     spec: dict[str, Any] = {}
-    if cfg.workload_selector:
-        spec["workloadSelector"] = {"labels": dict(sorted(cfg.workload_selector.items()))}
+    labels = cfg.workload_selector.match_labels if cfg.workload_selector else {}
+    if labels:
+        spec["workloadSelector"] = {"labels": dict(sorted(labels.items()))}
     spec["configPatches"] = patches
     return {
         "apiVersion": NETWORKING_V1ALPHA3,

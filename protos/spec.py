@@ -1,4 +1,15 @@
-"""The HolySheepConfig spec: one model and one parser, shared by the data plane and the controller.
+"""The HolySheepConfig spec: the models, written once, and the parser both planes use.
+
+Each CR field is one line in a model below: its name, Python type, wire type with its bounds,
+pattern or enum, default and description (protos/schema.py explains the notation). The parser,
+the CRD's OpenAPI schema (`holysheep-mesh crd`), the API server's defaults (`apply_defaults`)
+and the dataclass defaults every other module sees are all derived from these lines.
+
+Adding a CR field: add its line to the model (a nested object is a new @model class and
+``field(Obj(ThatClass))``; a list of them ``field(Arr(Obj(ThatClass), key="name", noun=...))``),
+run ``holysheep-mesh crd > mesh/crd/holysheepconfig.yaml``, and add tests (tests/test_crd.py
+checks the parser and the CRD schema agree on your good and bad examples). Nothing else changes
+unless a plane reads the new field.
 
 The parser is strict (unknown fields are errors, as under the API server's strict field
 validation) and every error names the document and the field path, so an operator can fix a
@@ -8,15 +19,42 @@ name and key, or by environment variable name, and are read elsewhere at request
 
 from __future__ import annotations
 
-import re
+import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field as dataclasses_field
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from protos.durations import parse_duration
+from protos.schema import (
+    Arr,
+    Bool,
+    ConfigError,
+    Dur,
+    Enum,
+    Int,
+    Map,
+    Num,
+    Obj,
+    Reader,
+    Rule,
+    Str,
+    field,
+    fields_of,
+    fill_defaults,
+    model,
+    openapi,
+    read_model,
+)
+
+__all__ = [
+    "API_VERSION", "AUTH_TYPES", "CACHE_MODES", "KIND", "SEED_ENV", "SEED_PROVIDER_NAME", "SEED_SECRET_KEY",
+    "SEED_SECRET_NAME", "SPEC_FIELDS", "AuthSpec", "BackendSpec", "CacheSpec", "CircuitBreakerSpec",
+    "ConfigError", "HealthCheckSpec", "HolySheepConfig", "PricingSpec", "ProviderSpec", "RouteSpec",
+    "WorkloadSelectorSpec", "apply_defaults", "load_file", "load_text", "parse_document", "parse_documents",
+    "spec_schema",
+]
 
 API_VERSION = "holysheep.ai/v1"
 KIND = "HolySheepConfig"
@@ -30,34 +68,69 @@ SEED_SECRET_NAME = "holysheep-credentials"
 SEED_SECRET_KEY = "api-key"
 SEED_ENV = "HOLYSHEEP_API_KEY"
 
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_MAX_RETRIES = 2
-DEFAULT_TENANT_HEADER = "x-holysheep-tenant"
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
-
-
-class ConfigError(ValueError):
-    """An invalid HolySheepConfig; the message names the document and the field."""
-
-    def __init__(self, where: str, path: str, problem: str) -> None:
-        self.where = where
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{where}: {path}: {problem}" if path else f"{where}: {problem}")
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+HEADER_NAME = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
+# Host with optional port and path; no query, fragment or user info (the API server's form of
+# _http_url below, which gives the parser's more precise messages).
+URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#\s]*)?$"
+REDIS_URL_PATTERN = r"^(redis|rediss|unix)://[^:@\s]*(:[^@\s]*)?(@.*)?$"
 
 
-@dataclass(frozen=True)
+def _http_url(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[": not repeated, like every URL problem
+        return "must be an absolute http(s) URL with a host (it does not parse as a URL)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Not repeated: a URL with a credential in it (or a key pasted here) must not reach a log.
+        return f"must be an absolute http(s) URL with a host (got scheme {parts.scheme[:10]!r})"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return "must not carry a query, fragment or user info (credentials belong in a Secret)"
+    return None
+
+
+def _redis_url(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "must be a redis://, rediss:// or unix:// URL"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis://, rediss:// or unix:// URL"
+    if parts.password:
+        return "must not embed a password; mount it as a Secret instead"
+    return None
+
+
+HTTP_URL = Str(URL_PATTERN, check=_http_url)
+
+
+@model(rules=(
+    Rule(
+        "has(self.secretName) || has(self.env)", "needs secretName and key, or env",
+        check=lambda f: f["secret_name"] is not None or f["env"] is not None,
+        problem="needs a credential source: secretName and key, or env",
+    ),
+))
 class AuthSpec:
-    type: str = "Bearer"
-    header: str | None = None
-    secret_name: str | None = None
-    key: str | None = None
-    env: str | None = None
+    type: str = field(Enum(*AUTH_TYPES), default="Bearer", description=(
+        "How the credential is sent: Bearer (Authorization: Bearer), XApiKey (x-api-key), "
+        "ApiKey (api-key) or Header (the header named by header)."))
+    header: str | None = field(
+        Str(HEADER_NAME, "a lower-case HTTP header name"), default=None, when=("type", "Header"),
+        description="The header that carries the credential; only with type Header.")
+    secret_name: str | None = field(
+        Str(DNS_SUBDOMAIN, "a Secret name in the CR's own namespace (cross-namespace references are not allowed)",
+            echo=False, max_length=253),
+        default=None, together="secret", description="A Secret in the CR's own namespace that holds the credential.")
+    key: str | None = field(
+        Str(SECRET_KEY, "a Secret data key", echo=False), default=None, together="secret",
+        description="The key of the credential in that Secret.")
+    env: str | None = field(
+        Str(ENV_NAME, "an environment variable name", echo=False), default=None,
+        description="An environment variable of the data plane holding the credential (the Secret wins).")
 
     @property
     def header_name(self) -> str:
@@ -66,12 +139,13 @@ class AuthSpec:
         )
 
 
-@dataclass(frozen=True)
+@model
 class ProviderSpec:
-    name: str
-    base_url: str
-    auth: AuthSpec
-    timeout: float | None = None
+    name: str = field(Str(DNS_LABEL, "a DNS label such as 'openai'", max_length=63), description=(
+        "The provider's name: a DNS label, unique across the data plane (a metric label and the breaker's key)."))
+    base_url: str = field(HTTP_URL, description="The provider's base URL, e.g. https://api.openai.com/v1.")
+    auth: AuthSpec = field(Obj(AuthSpec), description="The provider's credential: where it comes from, how it is sent.")
+    timeout: float | None = field(Dur(), default=None, description="Per-attempt timeout (default: spec.timeout).")
 
     @property
     def scheme(self) -> str:
@@ -97,64 +171,132 @@ class ProviderSpec:
         return urlsplit(self.base_url).path.rstrip("/")
 
 
-@dataclass(frozen=True)
+@model
 class BackendSpec:
-    provider: str
-    model: str | None = None
-    priority: int = 0
-    weight: int = 1
+    provider: str = field(Str(ref="provider"), description="A provider of this CR (spec.providers[].name).")
+    model: str | None = field(Str(), default=None, description="Model name sent instead of the client's.")
+    priority: int = field(Int(0, 1000), default=0, description="Lower priorities are tried first.")
+    weight: int = field(Int(1, 1_000_000), default=1, description="Share of traffic within a priority.")
 
 
-@dataclass(frozen=True)
+@model
 class RouteSpec:
-    models: tuple[str, ...]
-    backends: tuple[BackendSpec, ...]
+    models: tuple[str, ...] = field(Arr(Str(), 1), description=(
+        "Model names or globs; exact names win over globs, globs match in route order."))
+    backends: tuple[BackendSpec, ...] = field(Arr(Obj(BackendSpec), 1), description="Where these models go.")
 
 
-@dataclass(frozen=True)
+@model
 class CircuitBreakerSpec:
-    enabled: bool = True
-    failure_threshold: int = 5
-    reset_timeout: float = 60.0
+    enabled: bool = field(Bool(), default=True, description="Open a provider's circuit after consecutive failures.")
+    failure_threshold: int = field(Int(1, 1000), default=5, description=(
+        "Consecutive failures (5xx, 429, connect failure, timeout) that open the circuit."))
+    reset_timeout: float = field(Dur(), default="60s", description="How long the circuit stays open before a trial.")
 
 
-@dataclass(frozen=True)
+@model
 class HealthCheckSpec:
-    interval: float = 10.0
-    endpoint: str = "/models"
+    endpoint: str = field(Str("^/", problem="must start with '/'"), default="/models", description=(
+        "Path under each provider's baseUrl, fetched with its credential."))
+    interval: float = field(Dur(), default="10s", description="Time between active health checks.")
 
 
-@dataclass(frozen=True)
+@model
 class CacheSpec:
-    mode: str = "Fallback"
-    ttl: float = 24 * 3600.0
-    redis_url: str | None = None
-    max_entry_bytes: int = 1 << 20
-    max_entries: int = 10_000
-    tenant_header: str = DEFAULT_TENANT_HEADER
+    redis_url: str | None = field(Str(REDIS_URL_PATTERN, check=_redis_url), default=None, description=(
+        "Redis shared by the replicas (no password here: mount it as a Secret); absent: memory only."))
+    mode: str = field(Enum(*CACHE_MODES), default="Fallback", description=(
+        "Off, Fallback (answer from the cache when every provider fails) or Always (answer hits at once). "
+        "Quote \"Off\": YAML 1.1 reads it as false."))
+    ttl: float = field(Dur(), default="24h", description="How long an answer stays cached.")
+    max_entry_bytes: int = field(Int(1), default=1 << 20, description="Largest answer the cache keeps.")
+    max_entries: int = field(Int(1), default=10_000, description="Entries in the memory tier.")
+    tenant_header: str = field(Str(HEADER_NAME, "a header name"), default="x-holysheep-tenant", description=(
+        "Header naming the cache scope when the sidecar's workload identity is absent."))
 
 
-@dataclass(frozen=True)
+@model
 class PricingSpec:
-    model: str
-    input_per_million: float
-    output_per_million: float
+    model: str = field(Str(), description="A model name or glob.")
+    input_per_million: float = field(Num(), default=0, description="USD per million input tokens.")
+    output_per_million: float = field(Num(), default=0, description="USD per million output tokens.")
 
 
-@dataclass(frozen=True)
+@model
+class WorkloadSelectorSpec:
+    match_labels: Mapping[str, str] = field(Map(Str()), default_factory=dict, description=(
+        "Labels of the workloads whose sidecars get the filter."))
+
+
+# The seed's `baseUrl` shorthand, in parser hooks (the CRD says the same with the two CEL rules
+# on HolySheepConfig): the name 'holysheep' is taken first, then the provider is listed first.
+def _seed_name_taken(r: Reader, base_url: str | None, parsed: Mapping[str, Any]) -> str | None:
+    if base_url is not None:
+        r.names.setdefault("provider", {})[SEED_PROVIDER_NAME] = "spec.baseUrl"
+    return base_url
+
+
+def _seed_provider_first(
+    r: Reader, providers: tuple[ProviderSpec, ...], parsed: Mapping[str, Any]
+) -> tuple[ProviderSpec, ...]:
+    if parsed["base_url"] is not None:
+        seed = ProviderSpec(
+            name=SEED_PROVIDER_NAME,
+            base_url=parsed["base_url"],
+            auth=AuthSpec(type="Bearer", secret_name=SEED_SECRET_NAME, key=SEED_SECRET_KEY, env=SEED_ENV),
+        )
+        providers = (seed, *providers)
+    if not providers:
+        raise r.fail("spec", "needs spec.baseUrl or at least one entry in spec.providers")
+    return providers
+
+
+def _every_model_to_the_providers(
+    r: Reader, routes: tuple[RouteSpec, ...], parsed: Mapping[str, Any]
+) -> tuple[RouteSpec, ...]:
+    if routes:  # present (a present list has at least one route)
+        return routes
+    # No routes: every model goes to the providers in the order they are listed.
+    backends = tuple(BackendSpec(provider=p.name, priority=i) for i, p in enumerate(parsed["providers"]))
+    return (RouteSpec(models=("*",), backends=backends),)
+
+
+@model(rules=(
+    Rule(
+        "has(self.baseUrl) || (has(self.providers) && size(self.providers) > 0)",
+        "needs spec.baseUrl or at least one entry in spec.providers",
+    ),  # parser: _seed_provider_first
+    Rule(
+        "!has(self.baseUrl) || !has(self.providers) || self.providers.all(p, p.name != 'holysheep')",
+        "the provider name 'holysheep' is taken by spec.baseUrl",
+    ),  # parser: _seed_name_taken, then the providers list's unique names
+))
 class HolySheepConfig:
+    """One HolySheepConfig: its spec fields (in the order they are read) and its identity."""
+
     name: str
     namespace: str
-    providers: tuple[ProviderSpec, ...]
-    routes: tuple[RouteSpec, ...]
-    timeout: float = DEFAULT_TIMEOUT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
-    health_check: HealthCheckSpec | None = None
-    cache: CacheSpec = field(default_factory=CacheSpec)
-    pricing: tuple[PricingSpec, ...] = ()
-    workload_selector: Mapping[str, str] | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    base_url: str | None = field(HTTP_URL, default=None, after=_seed_name_taken, description=(
+        "Shorthand for one provider named holysheep serving every model, with a Bearer credential from "
+        "Secret holysheep-credentials key api-key, or else env HOLYSHEEP_API_KEY."))
+    providers: tuple[ProviderSpec, ...] = field(
+        Arr(Obj(ProviderSpec), key="name", noun="provider"), default_factory=tuple, after=_seed_provider_first,
+        description="LLM providers; names are unique.")
+    routes: tuple[RouteSpec, ...] = field(
+        Arr(Obj(RouteSpec), 1), default_factory=tuple, after=_every_model_to_the_providers, description=(
+            "Model routes; absent: every model goes to the providers in listed order."))
+    circuit_breaker: CircuitBreakerSpec = field(
+        Obj(CircuitBreakerSpec), default_factory=CircuitBreakerSpec, description="Per-provider circuit breaker.")
+    health_check: HealthCheckSpec | None = field(Obj(HealthCheckSpec), default=None, description=(
+        "Active health checks of every provider; absent: none."))
+    timeout: float = field(Dur(), default="30s", description="Per-attempt timeout.")
+    max_retries: int = field(Int(0, 10), default=2, description="Attempts beyond the first, across backends.")
+    cache: CacheSpec = field(Obj(CacheSpec), default_factory=CacheSpec, description="The response cache.")
+    pricing: tuple[PricingSpec, ...] = field(Arr(Obj(PricingSpec)), default_factory=tuple, description=(
+        "Prices for the cost metrics; the first matching entry wins."))
+    workload_selector: WorkloadSelectorSpec | None = field(Obj(WorkloadSelectorSpec), default=None, description=(
+        "Workloads the EnvoyFilter applies to (default: every sidecar in reach); ignored by the data plane."))
+    raw: Mapping[str, Any] = dataclasses_field(default_factory=dict, compare=False, repr=False)
 
     def provider(self, name: str) -> ProviderSpec:
         for p in self.providers:
@@ -166,303 +308,41 @@ class HolySheepConfig:
         return provider.timeout if provider.timeout is not None else self.timeout
 
 
-class _Reader:
-    """Walks one document, turning every problem into a ConfigError with a field path."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def fail(self, path: str, problem: str) -> ConfigError:
-        return ConfigError(self.where, path, problem)
-
-    def mapping(self, value: Any, path: str, allowed: Iterable[str]) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            raise self.fail(path, f"must be an object, got {_kind(value)}")
-        known = set(allowed)
-        for k in value:
-            if k not in known:
-                where = f"{path}.{k}" if path else str(k)
-                raise self.fail(where, f"unknown field (allowed: {', '.join(sorted(known))})")
-        return value
-
-    def any_mapping(self, value: Any, path: str) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            raise self.fail(path, f"must be an object, got {_kind(value)}")
-        return value
-
-    def string(
-        self, value: Any, path: str, pattern: re.Pattern[str] | None = None, hint: str = "", echo: bool = True
-    ) -> str:
-        """``echo=False`` for fields where a pasted secret value is a likely mistake (``auth.env``,
-        ``secretName``, ``key``): the error then describes the value without repeating it."""
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, f"must be a non-empty string, got {_kind(value)}")
-        if pattern is not None and not pattern.match(value):
-            shown = repr(value) if echo else f"the value ({len(value)} characters, not shown)"
-            raise self.fail(path, f"{shown} is not valid{': ' + hint if hint else ''}")
-        return value
-
-    def integer(self, value: Any, path: str, minimum: int, maximum: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(path, f"must be an integer, got {_kind(value)}")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise self.fail(path, f"must be {bound}, got {value}")
-        return value
-
-    def number(self, value: Any, path: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise self.fail(path, f"must be a number >= 0, got {value!r}")
-        return float(value)
-
-    def boolean(self, value: Any, path: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(path, f"must be true or false, got {_kind(value)}")
-        return value
-
-    def duration(self, value: Any, path: str) -> float:
-        try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            raise self.fail(path, str(exc)) from None
-        if seconds < 0.001:
-            raise self.fail(path, "must be at least 1ms")
-        return seconds
-
-    def enum(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
-        if value not in choices:
-            raise self.fail(path, f"must be one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    def seq(self, value: Any, path: str, min_items: int = 0) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(path, f"must be a list, got {_kind(value)}")
-        if len(value) < min_items:
-            raise self.fail(path, f"must have at least {min_items} item(s)")
-        return value
+SPEC_FIELDS = tuple(f.wire for f in fields_of(HolySheepConfig))
+DEFAULT_TIMEOUT: float = HolySheepConfig.timeout
+DEFAULT_MAX_RETRIES: int = HolySheepConfig.max_retries
+DEFAULT_TENANT_HEADER: str = CacheSpec.tenant_header
+_SPEC_SCHEMA = openapi(HolySheepConfig)
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    return {str: "string", int: "integer", float: "number", list: "list", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+def spec_schema() -> dict[str, Any]:
+    """The OpenAPI v3 schema of `spec`, for the CRD."""
+    return copy.deepcopy(_SPEC_SCHEMA)
 
 
-def _parse_url(r: _Reader, value: Any, path: str) -> str:
-    url = r.string(value, path)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        # Not repeated: a URL with a credential in it (or a key pasted here) must not reach a log.
-        raise r.fail(path, f"must be an absolute http(s) URL with a host (got scheme {parts.scheme[:10]!r})")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise r.fail(path, "must not carry a query, fragment or user info (credentials belong in a Secret)")
-    return url
+def apply_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec with the CRD's defaults filled in, as the API server stores it."""
+    result: dict[str, Any] = fill_defaults(spec, _SPEC_SCHEMA)
+    return result
 
 
-def _parse_auth(r: _Reader, value: Any, path: str) -> AuthSpec:
-    m = r.mapping(value, path, ("type", "header", "secretName", "key", "env"))
-    auth_type = r.enum(m.get("type", "Bearer"), f"{path}.type", AUTH_TYPES)
-    header = None
-    if auth_type == "Header":
-        header = r.string(m.get("header"), f"{path}.header", _HEADER_NAME, "a lower-case HTTP header name")
-    elif "header" in m:
-        raise r.fail(f"{path}.header", "only allowed with type Header")
-    secret_name = key = env = None
-    if "secretName" in m or "key" in m:
-        secret_name = r.string(
-            m.get("secretName"), f"{path}.secretName", _DNS_SUBDOMAIN,
-            "a Secret name in the CR's own namespace (cross-namespace references are not allowed)",
-            echo=False,
-        )
-        key = r.string(m.get("key"), f"{path}.key", _SECRET_KEY, "a Secret data key", echo=False)
-    if "env" in m:
-        env = r.string(m.get("env"), f"{path}.env", _ENV_NAME, "an environment variable name", echo=False)
-    if secret_name is None and env is None:
-        raise r.fail(path, "needs a credential source: secretName and key, or env")
-    return AuthSpec(type=auth_type, header=header, secret_name=secret_name, key=key, env=env)
-
-
-def _parse_provider(r: _Reader, value: Any, path: str) -> ProviderSpec:
-    m = r.mapping(value, path, ("name", "baseUrl", "auth", "timeout"))
-    name = r.string(m.get("name"), f"{path}.name", _DNS_LABEL, "a DNS label such as 'openai'")
-    base_url = _parse_url(r, m.get("baseUrl"), f"{path}.baseUrl")
-    if "auth" not in m:
-        raise r.fail(f"{path}.auth", "is required")
-    auth = _parse_auth(r, m["auth"], f"{path}.auth")
-    timeout = r.duration(m["timeout"], f"{path}.timeout") if "timeout" in m else None
-    return ProviderSpec(name=name, base_url=base_url, auth=auth, timeout=timeout)
-
-
-def _parse_routes(r: _Reader, value: Any, providers: Mapping[str, ProviderSpec]) -> tuple[RouteSpec, ...]:
-    routes = []
-    for i, item in enumerate(r.seq(value, "spec.routes", 1)):
-        path = f"spec.routes[{i}]"
-        m = r.mapping(item, path, ("models", "backends"))
-        models = tuple(
-            r.string(x, f"{path}.models[{j}]") for j, x in enumerate(r.seq(m.get("models"), f"{path}.models", 1))
-        )
-        backends = []
-        for j, b in enumerate(r.seq(m.get("backends"), f"{path}.backends", 1)):
-            bpath = f"{path}.backends[{j}]"
-            bm = r.mapping(b, bpath, ("provider", "model", "priority", "weight"))
-            provider = r.string(bm.get("provider"), f"{bpath}.provider")
-            if provider not in providers:
-                raise r.fail(f"{bpath}.provider", f"no provider named {provider!r} (have: {', '.join(providers)})")
-            backends.append(
-                BackendSpec(
-                    provider=provider,
-                    model=r.string(bm["model"], f"{bpath}.model") if "model" in bm else None,
-                    priority=r.integer(bm.get("priority", 0), f"{bpath}.priority", 0, 1000),
-                    weight=r.integer(bm.get("weight", 1), f"{bpath}.weight", 1, 1_000_000),
-                )
-            )
-        routes.append(RouteSpec(models=models, backends=tuple(backends)))
-    return tuple(routes)
-
-
-def _parse_cache(r: _Reader, value: Any) -> CacheSpec:
-    m = r.mapping(value, "spec.cache", ("mode", "ttl", "redisUrl", "maxEntryBytes", "maxEntries", "tenantHeader"))
-    redis_url = None
-    if "redisUrl" in m:
-        redis_url = r.string(m["redisUrl"], "spec.cache.redisUrl")
-        if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise r.fail("spec.cache.redisUrl", "must be a redis://, rediss:// or unix:// URL")
-        if urlsplit(redis_url).password:
-            raise r.fail("spec.cache.redisUrl", "must not embed a password; mount it as a Secret instead")
-    defaults = CacheSpec()
-    return CacheSpec(
-        mode=r.enum(_yaml11_off(m.get("mode", defaults.mode)), "spec.cache.mode", CACHE_MODES),
-        ttl=r.duration(m["ttl"], "spec.cache.ttl") if "ttl" in m else defaults.ttl,
-        redis_url=redis_url,
-        max_entry_bytes=r.integer(m.get("maxEntryBytes", defaults.max_entry_bytes), "spec.cache.maxEntryBytes", 1),
-        max_entries=r.integer(m.get("maxEntries", defaults.max_entries), "spec.cache.maxEntries", 1),
-        tenant_header=r.string(
-            m.get("tenantHeader", defaults.tenant_header), "spec.cache.tenantHeader", _HEADER_NAME, "a header name"
-        ),
-    )
-
-
-def _yaml11_off(value: Any) -> Any:
-    """YAML 1.1 (PyYAML, kubectl) reads an unquoted ``Off`` as false; take it to mean "Off"."""
-    return "Off" if value is False else value
-
-
-def _parse_pricing(r: _Reader, value: Any) -> tuple[PricingSpec, ...]:
-    out = []
-    for i, item in enumerate(r.seq(value, "spec.pricing")):
-        path = f"spec.pricing[{i}]"
-        m = r.mapping(item, path, ("model", "inputPerMillion", "outputPerMillion"))
-        out.append(
-            PricingSpec(
-                model=r.string(m.get("model"), f"{path}.model"),
-                input_per_million=r.number(m.get("inputPerMillion", 0), f"{path}.inputPerMillion"),
-                output_per_million=r.number(m.get("outputPerMillion", 0), f"{path}.outputPerMillion"),
-            )
-        )
-    return tuple(out)
-
-
-def _parse_workload_selector(r: _Reader, value: Any) -> Mapping[str, str]:
-    m = r.mapping(value, "spec.workloadSelector", ("matchLabels",))
-    labels = r.any_mapping(m.get("matchLabels", {}), "spec.workloadSelector.matchLabels")
-    for k, v in labels.items():
-        r.string(v, f"spec.workloadSelector.matchLabels.{k}")
-    return dict(labels)
-
-
-SPEC_FIELDS = (
-    "baseUrl", "timeout", "maxRetries", "circuitBreaker", "healthCheck",
-    "providers", "routes", "cache", "pricing", "workloadSelector",
-)
+_NAME = Str(DNS_SUBDOMAIN, "a DNS subdomain name")
+_NAMESPACE = Str(DNS_LABEL, "a namespace name")
 
 
 def parse_document(doc: Any, index: int = 0) -> HolySheepConfig:
     """Parse one HolySheepConfig object (a dict from YAML or from the Kubernetes API)."""
-    where = f"document {index}"
-    r = _Reader(where)
+    r = Reader(f"document {index}")
     top = r.mapping(doc, "", ("apiVersion", "kind", "metadata", "spec", "status"))
     meta = r.any_mapping(top.get("metadata", {}), "metadata")
-    name = r.string(meta.get("name"), "metadata.name", _DNS_SUBDOMAIN, "a DNS subdomain name")
-    namespace = r.string(meta.get("namespace", "default"), "metadata.namespace", _DNS_LABEL, "a namespace name")
+    name = _NAME.read(r, meta.get("name"), "metadata.name")
+    namespace = _NAMESPACE.read(r, meta.get("namespace", "default"), "metadata.namespace")
     r.where = f"document {index} ({namespace}/{name})"
     if top.get("apiVersion") != API_VERSION:
         raise r.fail("apiVersion", f"must be {API_VERSION}, got {top.get('apiVersion')!r}")
     if top.get("kind") != KIND:
         raise r.fail("kind", f"must be {KIND}, got {top.get('kind')!r}")
-    spec = r.mapping(top.get("spec"), "spec", SPEC_FIELDS)
-
-    providers: dict[str, ProviderSpec] = {}
-    if "baseUrl" in spec:
-        providers[SEED_PROVIDER_NAME] = ProviderSpec(
-            name=SEED_PROVIDER_NAME,
-            base_url=_parse_url(r, spec["baseUrl"], "spec.baseUrl"),
-            auth=AuthSpec(type="Bearer", secret_name=SEED_SECRET_NAME, key=SEED_SECRET_KEY, env=SEED_ENV),
-        )
-    for i, item in enumerate(r.seq(spec.get("providers", []), "spec.providers")):
-        p = _parse_provider(r, item, f"spec.providers[{i}]")
-        if p.name in providers:
-            hint = " (the name 'holysheep' is taken by spec.baseUrl)" if p.name == SEED_PROVIDER_NAME else ""
-            raise r.fail(f"spec.providers[{i}].name", f"duplicate provider name {p.name!r}{hint}")
-        providers[p.name] = p
-    if not providers:
-        raise r.fail("spec", "needs spec.baseUrl or at least one entry in spec.providers")
-
-    if "routes" in spec:
-        routes = _parse_routes(r, spec["routes"], providers)
-    else:
-        # No routes: every model goes to the providers in the order they are listed.
-        routes = (
-            RouteSpec(
-                models=("*",),
-                backends=tuple(BackendSpec(provider=n, priority=i) for i, n in enumerate(providers)),
-            ),
-        )
-
-    cb = CircuitBreakerSpec()
-    if "circuitBreaker" in spec:
-        m = r.mapping(spec["circuitBreaker"], "spec.circuitBreaker", ("enabled", "failureThreshold", "resetTimeout"))
-        cb = CircuitBreakerSpec(
-            enabled=r.boolean(m.get("enabled", True), "spec.circuitBreaker.enabled"),
-            failure_threshold=r.integer(
-                m.get("failureThreshold", cb.failure_threshold), "spec.circuitBreaker.failureThreshold", 1, 1000
-            ),
-            reset_timeout=(
-                r.duration(m["resetTimeout"], "spec.circuitBreaker.resetTimeout") if "resetTimeout" in m
-                else cb.reset_timeout
-            ),
-        )
-    hc = None
-    if "healthCheck" in spec:
-        m = r.mapping(spec["healthCheck"], "spec.healthCheck", ("interval", "endpoint"))
-        endpoint = r.string(m.get("endpoint", "/models"), "spec.healthCheck.endpoint")
-        if not endpoint.startswith("/"):
-            raise r.fail("spec.healthCheck.endpoint", "must start with '/'")
-        hc = HealthCheckSpec(
-            interval=(
-                r.duration(m["interval"], "spec.healthCheck.interval") if "interval" in m
-                else HealthCheckSpec.interval
-            ),
-            endpoint=endpoint,
-        )
-
-    return HolySheepConfig(
-        name=name,
-        namespace=namespace,
-        providers=tuple(providers.values()),
-        routes=routes,
-        timeout=r.duration(spec["timeout"], "spec.timeout") if "timeout" in spec else DEFAULT_TIMEOUT,
-        max_retries=r.integer(spec.get("maxRetries", DEFAULT_MAX_RETRIES), "spec.maxRetries", 0, 10),
-        circuit_breaker=cb,
-        health_check=hc,
-        cache=_parse_cache(r, spec["cache"]) if "cache" in spec else CacheSpec(),
-        pricing=_parse_pricing(r, spec["pricing"]) if "pricing" in spec else (),
-        workload_selector=_parse_workload_selector(r, spec["workloadSelector"]) if "workloadSelector" in spec else None,
-        raw=dict(top),
-    )
+    return read_model(r, HolySheepConfig, top.get("spec"), "spec", name=name, namespace=namespace, raw=dict(top))
 
 
 def parse_documents(docs: Iterable[Any]) -> tuple[HolySheepConfig, ...]:
