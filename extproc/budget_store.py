@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from extproc import budget_metrics
+from extproc import metrics
 from extproc.shared_state import STATE_DIR_ENV
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ _warned_full = 0.0
 
 def _table_full(key: str) -> None:
     global _warned_full
-    budget_metrics.STORE_ERRORS.inc()
+    metrics.BUDGET_STORE_ERRORS.inc()
     if time.monotonic() - _warned_full > 60:
         _warned_full = time.monotonic()
         log.warning("budget counter table full near %s: that counter is not kept here (raise its size)", key)
@@ -457,7 +457,7 @@ class RedisBudgetStore:
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self._down_until = self._monotonic() + self.REDIS_BACKOFF
-        budget_metrics.STORE_ERRORS.inc()
+        metrics.BUDGET_STORE_ERRORS.inc()
         log.warning("redis budget %s failed, counting locally: %s", op, type(exc).__name__)
 
     async def admit(self, counters: Sequence[CounterRef], now: float) -> tuple[bool, list[Counts]]:

@@ -37,52 +37,51 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from extproc import budget_metrics
+from extproc import metrics
 from extproc.budget_store import BudgetStore, CounterRef, Counts, Limits
+from protos.spec import BudgetSpec
 
-PER = ("ServiceAccount", "Namespace", "Shared")
-MIN_WINDOW = 1  # the schema (phase 2) will ask for 1m; the engine only needs a positive window
 _MEMO_LIMIT = 4096
+ANY = ("*",)
 
 
-@dataclass(frozen=True)
-class BudgetSpec:
-    """One entry of spec.budgets (moves to the schema in protos/ when budgets are wired in)."""
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One spec.budgets entry, compiled for one config: its counters' id, window and limits."""
 
-    name: str
+    spec: BudgetSpec
+    budget_id: int  # names its counters in the table (for the gauges)
     window: int  # seconds
-    per: str = "ServiceAccount"
-    namespaces: tuple[str, ...] = ("*",)  # the config's scope is enforced before budgets are
-    service_accounts: tuple[str, ...] = ("*",)
-    requests: int | None = None
-    tokens: int | None = None
-    cost_usd: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.per not in PER:
-            raise ValueError(f"budget {self.name}: per must be one of {', '.join(PER)}, got {self.per!r}")
-        if int(self.window) != self.window or self.window < MIN_WINDOW:
-            raise ValueError(f"budget {self.name}: window must be a whole number of seconds >= {MIN_WINDOW}")
-        for unit, value in (("requests", self.requests), ("tokens", self.tokens), ("costUsd", self.cost_usd)):
-            if value is not None and not value >= 0:  # also refuses NaN
-                raise ValueError(f"budget {self.name}: {unit} must not be negative")
+    namespaces: tuple[str, ...]  # the spec's, or the config's scope when it lists none
+    limits: Limits
 
     @property
-    def limits(self) -> Limits:
-        return Limits(self.requests, self.tokens, self.cost_usd)
+    def name(self) -> str:
+        return self.spec.name
 
     def matches(self, namespace: str, service_account: str) -> bool:
         return any(fnmatch.fnmatchcase(namespace, g) for g in self.namespaces) and any(
-            fnmatch.fnmatchcase(service_account, g) for g in self.service_accounts)
+            fnmatch.fnmatchcase(service_account, g) for g in self.spec.service_accounts)
 
     def subject(self, namespace: str, service_account: str) -> str:
         """Whose counter: ``*`` cannot be part of a Kubernetes name, so it never names one."""
-        if self.per == "ServiceAccount":
+        per = self.spec.per
+        if per == "ServiceAccount":
             return f"{namespace}/{service_account}"
-        return namespace if self.per == "Namespace" else "*"
+        return namespace if per == "Namespace" else "*"
 
     def limit(self, unit: str) -> float | None:
-        return {"requests": self.requests, "tokens": self.tokens, "usd": self.cost_usd}[unit]
+        return {"requests": self.limits.requests, "tokens": self.limits.tokens, "usd": self.limits.cost_usd}[unit]
+
+
+def compile_budget(scope: str, spec: BudgetSpec, default_namespaces: tuple[str, ...] = ANY) -> Budget:
+    window = int(spec.window)
+    if window != spec.window or window < 1:  # the schema asks for whole seconds, at least 1m
+        raise ValueError(f"budget {spec.name}: window must be a whole number of seconds")
+    budget_id = int.from_bytes(
+        hashlib.blake2b(f"{scope}\0{spec.name}\0{window}".encode(), digest_size=8).digest(), "little")
+    return Budget(spec, budget_id, window, spec.namespaces or default_namespaces,
+                  Limits(spec.requests, spec.tokens, spec.cost_usd))
 
 
 def window_bounds(now: float, window: int) -> tuple[int, int]:
@@ -121,7 +120,7 @@ def _number(value: float) -> str:
 class BudgetFigures:
     """One matching budget at the time of a decision."""
 
-    budget: BudgetSpec
+    budget: Budget
     used: Counts
     reset: float  # seconds until its window ends
 
@@ -197,19 +196,13 @@ def _refusal(figures: Sequence[BudgetFigures]) -> Refusal:
     return Refusal(f.budget.name, unit, f.budget.limit(unit) or 0, f.budget.window, f.reset)
 
 
-@dataclass(frozen=True, slots=True)
-class _Budget:
-    spec: BudgetSpec
-    budget_id: int
-    limits: Limits
-
-
 class BudgetEngine:
     """The budgets of one config over a store. Cheap to rebuild on reload: counts live in the
     store under keys of (scope, budget name, window), so a new engine finds them."""
 
     def __init__(
         self, scope: str, budgets: Sequence[BudgetSpec], store: BudgetStore, clock: Callable[[], float] = time.time,
+        default_namespaces: tuple[str, ...] = ANY,
     ) -> None:
         names = [b.name for b in budgets]
         if len(set(names)) != len(names):
@@ -217,36 +210,41 @@ class BudgetEngine:
         self.scope = scope  # e.g. "<config namespace>/<config name>": two configs never share a counter
         self.store = store
         self.clock = clock
-        self.budgets = tuple(
-            _Budget(b, int.from_bytes(hashlib.blake2b(f"{scope}\0{b.name}\0{b.window}".encode(), digest_size=8)
-                                      .digest(), "little"), b.limits)
-            for b in budgets
-        )
-        self._matching: dict[tuple[str, str], tuple[_Budget, ...]] = {}
+        # A budget that lists no namespaces covers the config's scope (the caller of a config is
+        # authorized for it before its budgets are consulted; this holds even without that check).
+        self.budgets = tuple(compile_budget(scope, b, default_namespaces) for b in budgets)
+        self._matching: dict[tuple[str, str], tuple[Budget, ...]] = {}
+
+    def budget(self, name: str) -> Budget:
+        return next(b for b in self.budgets if b.name == name)
 
     def matching(self, namespace: str, service_account: str) -> tuple[BudgetSpec, ...]:
         return tuple(b.spec for b in self._match(namespace, service_account))
 
-    def _match(self, namespace: str, service_account: str) -> tuple[_Budget, ...]:
+    def _match(self, namespace: str, service_account: str) -> tuple[Budget, ...]:
         found = self._matching.get((namespace, service_account))
         if found is None:
-            found = tuple(b for b in self.budgets if b.spec.matches(namespace, service_account))
+            found = tuple(b for b in self.budgets if b.matches(namespace, service_account))
             if len(self._matching) >= _MEMO_LIMIT:
                 self._matching.clear()
             self._matching[(namespace, service_account)] = found
         return found
 
-    def key(self, spec: BudgetSpec, namespace: str, service_account: str, now: float) -> str:
+    def key(self, budget: Budget, namespace: str, service_account: str, now: float) -> str:
         """The counter's key. The braces are a Redis Cluster hash tag: one config's counters
         share a slot, so one script may touch all of a request's budgets."""
-        start, _ = window_bounds(now, spec.window)
-        return (f"holysheep:budget:v1:{{{self.scope}}}:{spec.name}:{spec.window}:"
-                f"{spec.subject(namespace, service_account)}:{start}")
+        start, _ = window_bounds(now, budget.window)
+        return (f"holysheep:budget:v1:{{{self.scope}}}:{budget.name}:{budget.window}:"
+                f"{budget.subject(namespace, service_account)}:{start}")
 
-    def _counters(self, budgets: Sequence[_Budget], namespace: str, service_account: str,
+    def _counters(self, budgets: Sequence[Budget], namespace: str, service_account: str,
                   now: float) -> list[CounterRef]:
-        return [CounterRef(self.key(b.spec, namespace, service_account, now), b.budget_id,
-                           float(window_bounds(now, b.spec.window)[1]), b.limits) for b in budgets]
+        return [CounterRef(self.key(b, namespace, service_account, now), b.budget_id,
+                           float(window_bounds(now, b.window)[1]), b.limits) for b in budgets]
+
+    def counter(self, name: str, namespace: str, service_account: str, now: float) -> CounterRef:
+        """The counter a caller spends of budget `name` at `now`."""
+        return self._counters([self.budget(name)], namespace, service_account, now)[0]
 
     async def admit(self, namespace: str, service_account: str) -> Admission | None:
         """None when no budget applies to this caller (nothing counted, no headers)."""
@@ -256,12 +254,12 @@ class BudgetEngine:
         now = self.clock()
         admitted, used = await self.store.admit(self._counters(budgets, namespace, service_account, now), now)
         figures = tuple(
-            BudgetFigures(b.spec, u, window_bounds(now, b.spec.window)[1] - now)
+            BudgetFigures(b, u, window_bounds(now, b.window)[1] - now)
             for b, u in zip(budgets, used, strict=True)
         )
         refusal = None if admitted else _refusal(figures)
         if refusal is not None:
-            budget_metrics.REJECTIONS.labels(refusal.budget, refusal.unit).inc()
+            metrics.BUDGET_REJECTIONS.labels(refusal.budget, refusal.unit).inc()
         return Admission(namespace, service_account, figures, refusal)
 
     def record_usage(self, admission: Admission, tokens: int, cost_usd: float) -> None:
@@ -269,8 +267,7 @@ class BudgetEngine:
         current now (a response may finish after its request's window turned)."""
         if not admission.admitted or not (tokens or cost_usd):
             return
-        names = {f.budget.name for f in admission.figures}
-        budgets = [b for b in self.budgets if b.spec.name in names]
+        budgets = [f.budget for f in admission.figures]
         now = self.clock()
         self.store.add_usage(self._counters(budgets, admission.namespace, admission.service_account, now),
                              max(0, tokens), max(0.0, cost_usd), now)
@@ -283,8 +280,8 @@ class BudgetEngine:
         for b in self.budgets:
             peak = peaks.get(b.budget_id, Counts())
             for unit, used in (("requests", peak.requests), ("tokens", peak.tokens), ("usd", peak.cost_usd)):
-                limit = b.spec.limit(unit)
+                limit = b.limit(unit)
                 if limit is None:
                     continue
-                budget_metrics.USED.labels(b.spec.name, unit).set(used)
-                budget_metrics.LIMIT.labels(b.spec.name, unit).set(limit)
+                metrics.BUDGET_USED.labels(b.name, unit).set(used)
+                metrics.BUDGET_LIMIT.labels(b.name, unit).set(limit)

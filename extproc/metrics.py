@@ -67,6 +67,33 @@ READY = Gauge("holysheep_extproc_ready", "1 when a valid config is loaded and gR
               multiprocess_mode="min")
 CONFIG_RELOADS = Counter("holysheep_config_reloads", "Config reload attempts, by result.", ["result"])
 
+# Budgets (extproc/budgets.py). Labels are the budget's name (a DNS label from the config,
+# unique across the data plane) and the unit (requests, tokens, usd), never an identity, so the
+# series count is bounded by the config. The gauges describe counters the workers share (and
+# the replicas, with Redis), so in multiprocess mode the replica's figure is the most recent any
+# worker wrote (``max`` would keep the last window's peak after the window turned, ``sum`` would
+# add the same counter once per worker); they are set at scrape time (export_budget_metrics).
+BUDGET_UNITS = ("requests", "tokens", "usd")
+BUDGET_USED = Gauge(
+    "holysheep_budget_used",
+    "Usage in the current window of the budget's most used counter (per ServiceAccount or Namespace: the "
+    "identity closest to its limit), by unit (requests, tokens, usd).",
+    ["budget", "unit"], multiprocess_mode="mostrecent",
+)
+BUDGET_LIMIT = Gauge(
+    "holysheep_budget_limit", "The budget's limit per window, by unit (requests, tokens, usd).",
+    ["budget", "unit"], multiprocess_mode="mostrecent",
+)
+BUDGET_REJECTIONS = Counter(
+    "holysheep_budget_rejections", "Requests refused with 429 because a budget was used up, by budget and unit.",
+    ["budget", "unit"],
+)
+BUDGET_STORE_ERRORS = Counter(
+    "holysheep_budget_store_errors",
+    "Budget store failures (a Redis error, which switches to local counting for a back-off, or a full counter "
+    "table); no request fails because of one.",
+)
+
 # Model names come from clients when a glob route passes them through unchanged, so each
 # process gives at most this many distinct names their own label value; later ones are counted
 # under the route's pattern (e.g. "gpt-*"), which keeps every series count bounded.

@@ -260,13 +260,17 @@ class Obj(Node[M]):
 
 class Arr(Node[tuple[T, ...]]):
     """A list, read as a tuple. With ``key`` (an item attribute) the list is a Kubernetes map
-    list: the key is unique, and its values are the names ``Str(ref=noun)`` may refer to."""
+    list: the key is unique, and its values are the names ``Str(ref=noun)`` may refer to.
+    ``max_items`` bounds a list whose items carry CEL rules (the API server refuses a CRD whose
+    rules' estimated cost over an unbounded list is too high)."""
 
-    def __init__(self, item: Node[T], min_items: int = 0, *, key: str | None = None, noun: str = "") -> None:
+    def __init__(self, item: Node[T], min_items: int = 0, *, key: str | None = None, noun: str = "",
+                 max_items: int | None = None) -> None:
         if key is not None and not noun:
             raise TypeError("a keyed Arr needs a noun for its messages")
         self.item = item
         self.min_items = min_items
+        self.max_items = max_items
         self.key = key
         self.noun = noun
 
@@ -275,6 +279,8 @@ class Arr(Node[tuple[T, ...]]):
             raise r.fail(path, f"must be a list, got {_kind(value)}")
         if len(value) < self.min_items:
             raise r.fail(path, f"must have at least {self.min_items} item(s)")
+        if self.max_items is not None and len(value) > self.max_items:
+            raise r.fail(path, f"must have at most {self.max_items} item(s)")
         names = r.names.setdefault(self.noun, {}) if self.key is not None else {}
         out = []
         for i, v in enumerate(value):
@@ -293,6 +299,8 @@ class Arr(Node[tuple[T, ...]]):
         s: dict[str, Any] = {"type": "array"}
         if self.min_items:
             s["minItems"] = self.min_items
+        if self.max_items is not None:
+            s["maxItems"] = self.max_items
         s["items"] = self.item.openapi()
         if self.key is not None:
             s["x-kubernetes-list-type"] = "map"

@@ -49,11 +49,11 @@ from protos.schema import (
 )
 
 __all__ = [
-    "API_VERSION", "AUTH_TYPES", "CACHE_MODES", "KIND", "SEED_ENV", "SEED_PROVIDER_NAME", "SEED_SECRET_KEY",
-    "SEED_SECRET_NAME", "SPEC_FIELDS", "AuthSpec", "BackendSpec", "CacheSpec", "CircuitBreakerSpec",
-    "ConfigError", "HealthCheckSpec", "HolySheepConfig", "PricingSpec", "ProviderSpec", "RouteSpec",
-    "WorkloadSelectorSpec", "apply_defaults", "load_file", "load_text", "parse_document", "parse_documents",
-    "spec_schema",
+    "API_VERSION", "AUTH_TYPES", "BUDGET_PER", "CACHE_MODES", "KIND", "SEED_ENV", "SEED_PROVIDER_NAME",
+    "SEED_SECRET_KEY", "SEED_SECRET_NAME", "SPEC_FIELDS", "AuthSpec", "BackendSpec", "BudgetSpec", "CacheSpec",
+    "CircuitBreakerSpec", "ConfigError", "HealthCheckSpec", "HolySheepConfig", "PricingSpec", "ProviderSpec",
+    "RouteSpec", "WorkloadSelectorSpec", "apply_defaults", "load_file", "load_text", "parse_document",
+    "parse_documents", "spec_schema",
 ]
 
 API_VERSION = "holysheep.ai/v1"
@@ -61,6 +61,8 @@ KIND = "HolySheepConfig"
 
 AUTH_TYPES = ("Bearer", "XApiKey", "ApiKey", "Header")
 CACHE_MODES = ("Off", "Fallback", "Always")
+BUDGET_PER = ("ServiceAccount", "Namespace", "Shared")
+MAX_BUDGETS = 100  # per config; bounds the CEL rules' cost estimate (protos/schema.py Arr)
 
 # The seed's single-provider shorthand: `baseUrl` alone means this provider, this Secret.
 SEED_PROVIDER_NAME = "holysheep"
@@ -77,6 +79,9 @@ HEADER_NAME = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
 # _http_url below, which gives the parser's more precise messages).
 URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#\s]*)?$"
 REDIS_URL_PATTERN = r"^(redis|rediss|unix)://[^:@\s]*(:[^@\s]*)?(@.*)?$"
+# Shell globs (fnmatch: '*', '?') over namespace and service account names.
+NAMESPACE_GLOB = r"^[a-z0-9*?-]{1,63}$"
+SERVICE_ACCOUNT_GLOB = r"^[a-z0-9.*?-]{1,253}$"
 
 
 def _http_url(url: str) -> str | None:
@@ -228,6 +233,41 @@ class WorkloadSelectorSpec:
         "Labels of the workloads whose sidecars get the filter."))
 
 
+@model(rules=(
+    Rule(
+        "has(self.requests) || has(self.tokens) || has(self.costUsd)", "needs a limit: requests, tokens or costUsd",
+        check=lambda f: any(f[k] is not None for k in ("requests", "tokens", "cost_usd")),
+    ),
+    Rule(
+        # cel-go's getMilliseconds() is the whole duration in milliseconds
+        "!has(self.window) || duration(self.window).getMilliseconds() % 1000 == 0",
+        "window must be a whole number of seconds",
+        check=lambda f: float(f["window"]).is_integer(),
+    ),
+))
+class BudgetSpec:
+    """One budget: what the callers it matches may spend per fixed window (extproc/budgets.py)."""
+
+    name: str = field(Str(DNS_LABEL, "a DNS label such as 'team-a-hourly'", max_length=63), description=(
+        "The budget's name: a DNS label, unique across the data plane (the metric label budget)."))
+    window: float = field(Dur(minimum="1m"), description=(
+        "The window: fixed, aligned to the Unix epoch (1h runs from one full hour to the next), at least 1m."))
+    namespaces: tuple[str, ...] = field(
+        Arr(Str(NAMESPACE_GLOB, "a namespace name or glob such as 'team-*'"), 1), default_factory=tuple,
+        description="Caller namespaces (globs); absent: every namespace in the config's scope.")
+    service_accounts: tuple[str, ...] = field(
+        Arr(Str(SERVICE_ACCOUNT_GLOB, "a service account name or glob such as 'batch-*'"), 1), default=["*"],
+        description="Caller service accounts (globs).")
+    per: str = field(Enum(*BUDGET_PER), default="ServiceAccount", description=(
+        "Whose counter: ServiceAccount (one per caller identity), Namespace (one per namespace) or Shared "
+        "(one for every caller it matches)."))
+    requests: int | None = field(Int(0), default=None, description="Requests per window (counted when admitted).")
+    tokens: int | None = field(Int(0), default=None, description=(
+        "Tokens (input + output, from the answers' usage) per window; the request that crosses it completes."))
+    cost_usd: float | None = field(Num(), default=None, description=(
+        "US dollars per window, priced with spec.pricing; the request that crosses it completes."))
+
+
 # The seed's `baseUrl` shorthand, in parser hooks (the CRD says the same with the two CEL rules
 # on HolySheepConfig): the name 'holysheep' is taken first, then the provider is listed first.
 def _seed_name_taken(r: Reader, base_url: str | None, parsed: Mapping[str, Any]) -> str | None:
@@ -296,6 +336,10 @@ class HolySheepConfig:
         "Prices for the cost metrics; the first matching entry wins."))
     workload_selector: WorkloadSelectorSpec | None = field(Obj(WorkloadSelectorSpec), default=None, description=(
         "Workloads the EnvoyFilter applies to (default: every sidecar in reach); ignored by the data plane."))
+    budgets: tuple[BudgetSpec, ...] = field(
+        Arr(Obj(BudgetSpec), key="name", noun="budget", max_items=MAX_BUDGETS), default_factory=tuple, description=(
+            "Request, token and cost limits per caller identity and fixed window; a request over any is refused "
+            "with 429."))
     raw: Mapping[str, Any] = dataclasses_field(default_factory=dict, compare=False, repr=False)
 
     def provider(self, name: str) -> ProviderSpec:
@@ -348,11 +392,12 @@ def parse_document(doc: Any, index: int = 0) -> HolySheepConfig:
 def parse_documents(docs: Iterable[Any]) -> tuple[HolySheepConfig, ...]:
     """Parse several documents that one data plane serves together.
 
-    Provider names are metric labels and circuit-breaker keys, so they must be unique across
-    documents; routes are matched in document order.
+    Provider names are metric labels and circuit-breaker keys, and budget names metric labels,
+    so both must be unique across documents; routes are matched in document order.
     """
     configs: list[HolySheepConfig] = []
     owners: dict[str, str] = {}
+    budget_owners: dict[str, str] = {}
     for i, doc in enumerate(d for d in docs if d is not None):
         cfg = parse_document(doc, i)
         for j, p in enumerate(cfg.providers):
@@ -362,6 +407,13 @@ def parse_documents(docs: Iterable[Any]) -> tuple[HolySheepConfig, ...]:
                     f"provider {p.name!r} is already defined by {owners[p.name]}",
                 )
             owners[p.name] = f"{cfg.namespace}/{cfg.name}"
+        for j, b in enumerate(cfg.budgets):
+            if b.name in budget_owners:
+                raise ConfigError(
+                    f"document {i} ({cfg.namespace}/{cfg.name})", f"spec.budgets[{j}].name",
+                    f"budget {b.name!r} is already defined by {budget_owners[b.name]}",
+                )
+            budget_owners[b.name] = f"{cfg.namespace}/{cfg.name}"
         configs.append(cfg)
     if not configs:
         raise ConfigError("config", "", f"no {KIND} document found")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from extproc.budget_store import CounterTable, MemoryBudgetStore, RedisBudgetStore
-from extproc.budgets import BudgetEngine, BudgetSpec
+from extproc.budgets import BudgetEngine
+from protos.spec import BudgetSpec
 
 
 class Clock:

@@ -18,8 +18,9 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from extproc.budget_store import CounterRef, CounterTable, Counts, Limits, MemoryBudgetStore
-from extproc.budgets import Admission, BudgetEngine, BudgetSpec, format_reset, window_bounds
+from extproc.budget_store import CounterTable, Counts, Limits, MemoryBudgetStore
+from extproc.budgets import Admission, BudgetEngine, format_reset, window_bounds
+from protos.spec import BudgetSpec, ConfigError, parse_document
 from tests.budget_helpers import Clock, memory_worker
 
 T = TypeVar("T")
@@ -68,7 +69,7 @@ def test_fixed_windows_are_aligned_to_the_epoch_and_roll_over() -> None:
     clock.now = BASE + HOUR
     fresh = admit(engine)
     assert fresh.admitted and fresh.figures[0].used.requests == 1
-    assert engine.key(spec, "team-a", "app", clock.now).endswith(f":{BASE + HOUR}")
+    assert engine.counter(spec.name, "team-a", "app", clock.now).key.endswith(f":{BASE + HOUR}")
 
     assert window_bounds(BASE + HOUR - 0.001, HOUR) == (BASE, BASE + HOUR)
     assert window_bounds(T0, 86400)[0] % 86400 == 0  # a day is a UTC day
@@ -258,11 +259,18 @@ def test_gauges_show_each_budgets_most_used_counter() -> None:
 
 
 def test_invalid_budgets_are_refused() -> None:
-    for bad in ({"per": "Team"}, {"window": 0}, {"window": 1.5}, {"requests": -1}, {"cost_usd": float("nan")}):
-        with pytest.raises(ValueError):
-            BudgetSpec(**{"name": "b", "window": 60, **bad})  # type: ignore[arg-type]
+    """The spec's parser refuses what the engine cannot count (tests/test_crd.py: the messages);
+    the engine itself refuses two budgets of one name."""
+    doc: dict[str, Any] = {"apiVersion": "holysheep.ai/v1", "kind": "HolySheepConfig",
+                           "metadata": {"name": "llm", "namespace": "team-a"},
+                           "spec": {"baseUrl": "https://api.example.com/v1"}}
+    for bad in ({"per": "Team"}, {"window": "0s"}, {"window": "61500ms"}, {"requests": -1}, {"costUsd": -0.5},
+                {"tokens": 1.5}, {"requests": None}):
+        doc["spec"]["budgets"] = [{"name": "b", "window": "1m", "requests": 1, **bad}]
+        with pytest.raises(ConfigError, match=r"spec\.budgets\[0\]"):
+            parse_document(doc)
     with pytest.raises(ValueError, match="unique"):
-        make([BudgetSpec("b", 60), BudgetSpec("b", 3600)], Clock(T0))
+        make([BudgetSpec("b", 60, requests=1), BudgetSpec("b", 3600, requests=1)], Clock(T0))
 
 
 def test_limits_exceeded_units() -> None:
@@ -287,14 +295,15 @@ def test_the_memory_store_is_exact_across_worker_processes(tmp_path: Path) -> No
         assert p.exitcode == 0
     assert sum(admitted) == 3000, admitted
     engine = make([spec], Clock(T0), CounterTable(path), scope="exact")
-    ref = CounterRef(engine.key(spec, "team-a", "app", T0), 0, float(BASE + HOUR), spec.limits)
+    ref = engine.counter(spec.name, "team-a", "app", T0)
     assert CounterTable(path).read([ref], T0) == [Counts(3000, 0, 0.0)]
 
 
 EXPORT_IN_A_WORKER = """
 import asyncio, sys
 from extproc.budget_store import CounterTable, MemoryBudgetStore
-from extproc.budgets import BudgetEngine, BudgetSpec
+from extproc.budgets import BudgetEngine
+from protos.spec import BudgetSpec, ConfigError, parse_document
 now = float(sys.argv[2])
 engine = BudgetEngine("mp", [BudgetSpec("mp-budget", 3600, per="Shared", requests=100)],
                       MemoryBudgetStore(CounterTable(sys.argv[1])), clock=lambda: now)

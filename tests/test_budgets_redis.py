@@ -18,8 +18,9 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from extproc.budget_store import REDIS_GRACE, CounterRef, CounterTable, Counts, RedisBudgetStore
-from extproc.budgets import Admission, BudgetEngine, BudgetSpec
+from extproc.budget_store import REDIS_GRACE, CounterTable, Counts, RedisBudgetStore
+from extproc.budgets import Admission, BudgetEngine
+from protos.spec import BudgetSpec
 from tests.budget_helpers import Clock, LocalRedis, Partition, redis_replica
 
 HOUR = 3600
@@ -45,7 +46,7 @@ def errors() -> float:
 
 def counter(client: redis.Redis, engine: BudgetEngine, spec: BudgetSpec, now: float, ns: str = "team-a",
             sa: str = "app") -> dict[str, str]:
-    raw = client.hgetall(engine.key(spec, ns, sa, now))
+    raw = client.hgetall(engine.counter(spec.name, ns, sa, now).key)
     return {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
 
 
@@ -75,7 +76,7 @@ def test_one_round_trip_per_admission_and_the_windows_expiry(server: LocalRedis)
         assert {k: v for k, v in calls.items() if v} == {
             "cmdstat_evalsha": 20, "cmdstat_hmget": 40, "cmdstat_hincrby": 40, "cmdstat_pexpireat": 40}
         assert counter(client, engine, spec, clock.now) == {"r": "21"}
-        ttl = client.pttl(engine.key(spec, "team-a", "app", clock.now)) / 1000
+        ttl = client.pttl(engine.counter(spec.name, "team-a", "app", clock.now).key) / 1000
         assert abs(ttl - (BASE + HOUR + REDIS_GRACE - time.time())) < 5  # the window's end, on Redis's clock
         await engine.store.close()
 
@@ -124,7 +125,7 @@ def test_token_usage_is_shared_and_the_crossing_request_completes(server: LocalR
         assert refused.figures[0].used.tokens == 120
         assert counter(client, one, spec, clock.now) == {"r": "2", "t": "120", "c": "0.03"}
         # the replica's mirror follows what Redis said, usage writes included
-        ref = CounterRef(one.key(spec, "team-a", "app", clock.now), 0, float(BASE + HOUR), spec.limits)
+        ref = one.counter(spec.name, "team-a", "app", clock.now)
         assert two.store.table().read([ref], clock.now)[0].tokens == 120
         clock.now = BASE + HOUR
         assert (await admit(two)).admitted
@@ -160,7 +161,7 @@ def test_redis_killed_mid_traffic_fails_nothing_and_counting_resumes_in_redis() 
     clock, mono, where = Clock(T0), Clock(0.0), scope()
     store = RedisBudgetStore(srv.url, CounterTable(None), monotonic=mono)
     engine = BudgetEngine(where, [spec], store, clock)
-    ref = CounterRef(engine.key(spec, "team-a", "app", T0), 0, float(BASE + HOUR), spec.limits)
+    ref = engine.counter(spec.name, "team-a", "app", T0)
     done = 0
 
     async def client(n: int) -> None:
@@ -252,7 +253,7 @@ def test_the_mirror_never_counts_twice(server: LocalRedis) -> None:
             engine.record_usage(await admit(engine), 7, 0.0)  # usage writes race the next admission
         await store.drain()
         assert counter(client, engine, spec, clock.now) == {"r": "10", "t": "70"}
-        ref = CounterRef(engine.key(spec, "team-a", "app", T0), 0, float(BASE + HOUR), spec.limits)
+        ref = engine.counter(spec.name, "team-a", "app", T0)
         assert store.table().read([ref], clock.now) == [Counts(10, 70, 0.0)]
         await store.close()
 

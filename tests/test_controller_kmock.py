@@ -288,6 +288,37 @@ def test_invalid_spec_sets_condition_emits_event_and_keeps_objects(
     }
 
 
+def test_a_budget_change_reaches_the_configmap_and_an_invalid_budget_keeps_it(
+    kapi: Running, user: Kube, managers: Any
+) -> None:
+    """spec.budgets goes into the data plane's ConfigMap (with the CRD's defaults); a negative
+    limit sets Invalid naming the field, and the ConfigMap keeps the last good budgets."""
+    secret(user, "holysheep-system", "holysheep-credentials")
+    cr(user, "render_seed.yaml")
+    managers("a")
+    ready(user, "holysheep-system", "production-cluster")
+    good = {"name": "team-a-hourly", "namespaces": ["team-a"], "window": "1h", "requests": 5}
+    user.request("PATCH", HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
+                 body={"spec": {"budgets": [good]}}, content_type="application/merge-patch+json")
+    ready(user, "holysheep-system", "production-cluster", generation=2)
+
+    def budgets() -> Any:
+        cm = user.get(CONFIGMAPS, "holysheep-system", "holysheep-extproc-production-cluster")
+        return yaml.safe_load(cm["data"]["config.yaml"])["spec"].get("budgets")
+
+    assert wait_for(budgets, what="budgets in the ConfigMap") == [
+        {**good, "serviceAccounts": ["*"], "per": "ServiceAccount"}]
+
+    bad = {**good, "requests": -1}
+    user.request("PATCH", HOLYSHEEPCONFIGS.path("holysheep-system", "production-cluster"),
+                 body={"spec": {"budgets": [bad]}}, content_type="application/merge-patch+json")
+    obj = ready(user, "holysheep-system", "production-cluster", status="False", generation=3)
+    invalid = condition(obj, "Invalid")
+    assert (invalid["status"], invalid["reason"]) == ("True", "InvalidSpec")
+    assert "spec.budgets[0].requests: must be >= 0, got -1" in invalid["message"]
+    assert budgets() == [{**good, "serviceAccounts": ["*"], "per": "ServiceAccount"}]  # the last good one
+
+
 def test_missing_secret_reports_secret_not_found_then_recovers(
     user: Kube, managers: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,7 +20,7 @@ import yaml
 
 from controller import crd
 from protos.schema import Arr, Dur, Enum, Int, Map, Obj, Reader, Str, field, fill_defaults, model, openapi, read_model
-from protos.spec import DNS_LABEL, ConfigError, parse_document
+from protos.spec import DNS_LABEL, ConfigError, parse_document, parse_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "mesh" / "crd" / "holysheepconfig.yaml"
@@ -236,6 +236,109 @@ def test_parser_errors_name_document_and_field(path: str, value: Any, message: s
     with pytest.raises(ConfigError) as exc:
         parse_document(_mutate(path, value))
     assert str(exc.value) == f"document 0 (apps/multi): {message}"
+
+
+# spec.budgets as issue 13 writes them, plus a Shared cost budget with every default.
+BUDGETS = [
+    {"name": "team-a-hourly", "namespaces": ["team-a"], "serviceAccounts": ["*"], "per": "ServiceAccount",
+     "window": "1h", "requests": 1000, "tokens": 200000, "costUsd": 5},
+    {"name": "batch-daily", "window": "24h", "per": "Shared", "costUsd": 20},
+]
+
+
+def _with_budgets(budgets: list[dict[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((FIXTURES / "render_three_providers.yaml").read_text())
+    doc["spec"]["budgets"] = copy.deepcopy(budgets)
+    return doc
+
+
+def test_budgets_are_accepted_and_defaulted_alike() -> None:
+    doc = _with_budgets(BUDGETS)
+    jsonschema.validate(doc, schema())
+    cfg = parse_document(copy.deepcopy(doc))
+    assert [(b.name, b.namespaces, b.service_accounts, b.per, b.window, b.requests, b.tokens, b.cost_usd)
+            for b in cfg.budgets] == [
+        ("team-a-hourly", ("team-a",), ("*",), "ServiceAccount", 3600.0, 1000, 200000, 5.0),
+        ("batch-daily", (), ("*",), "Shared", 86400.0, None, None, 20.0),  # (): the config's scope
+    ]
+    filled = {**doc, "spec": crd.apply_defaults(copy.deepcopy(doc["spec"]))}
+    assert filled["spec"]["budgets"][1] == {**BUDGETS[1], "serviceAccounts": ["*"]}
+    jsonschema.validate(filled, schema())
+    assert parse_document(filled) == cfg
+
+
+def _budget(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": "b", "window": "1h", "requests": 5}
+    return {k: v for k, v in {**base, **fields}.items() if v is not _DELETE}
+
+
+# (budget, the parser's message, whether jsonschema rejects it too: the rest are CEL rules or
+# list-map keys, which only the API server checks)
+BUDGET_ERRORS = [
+    (_budget(requests=-1), "spec.budgets[0].requests: must be >= 0, got -1", True),
+    (_budget(tokens=-5), "spec.budgets[0].tokens: must be >= 0, got -5", True),
+    (_budget(costUsd=-0.01), "spec.budgets[0].costUsd: must be a number >= 0, got -0.01", True),
+    (_budget(tokens=1.5), "spec.budgets[0].tokens: must be an integer, got number", True),
+    (_budget(per="Pod"), "spec.budgets[0].per: must be one of ServiceAccount, Namespace, Shared, got 'Pod'", True),
+    (_budget(window="30s"), "spec.budgets[0].window: must be at least 1m", False),
+    (_budget(window="1d"), "spec.budgets[0].window: '1d' is not a duration like '30s', '1m' or '24h'", True),
+    (_budget(window="90500ms"), "spec.budgets[0]: window must be a whole number of seconds", False),
+    (_budget(requests=_DELETE), "spec.budgets[0]: needs a limit: requests, tokens or costUsd", False),
+    (_budget(name="Team_A"), "spec.budgets[0].name: 'Team_A' is not valid: a DNS label such as 'team-a-hourly'",
+     True),
+    (_budget(namespaces=["team/a"]),
+     "spec.budgets[0].namespaces[0]: 'team/a' is not valid: a namespace name or glob such as 'team-*'", True),
+    (_budget(namespaces=[]), "spec.budgets[0].namespaces: must have at least 1 item(s)", True),
+    (_budget(serviceAccounts=["App"]),
+     "spec.budgets[0].serviceAccounts[0]: 'App' is not valid: a service account name or glob such as 'batch-*'",
+     True),
+    (_budget(limit=5), "spec.budgets[0].limit: unknown field (allowed: costUsd, name, namespaces, per, requests, "
+                       "serviceAccounts, tokens, window)", True),
+]
+
+
+@pytest.mark.parametrize(("budget", "message", "schema_rejects"), BUDGET_ERRORS,
+                         ids=[m.split(": ", 1)[1][:40] for _, m, _ in BUDGET_ERRORS])
+def test_invalid_budgets_name_the_field(budget: dict[str, Any], message: str, schema_rejects: bool) -> None:
+    doc = _with_budgets([budget])
+    with pytest.raises(ConfigError) as exc:
+        parse_document(copy.deepcopy(doc))
+    assert str(exc.value) == f"document 0 (apps/multi): {message}"
+    if schema_rejects:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schema())
+
+
+def test_budget_rules_for_the_api_server() -> None:
+    """The rules jsonschema cannot run, pinned (CEL: cel-go's getMilliseconds() is the whole
+    duration); the list is bounded, which keeps the rules' cost estimate under the API server's."""
+    budgets = schema()["properties"]["spec"]["properties"]["budgets"]
+    assert (budgets["x-kubernetes-list-type"], budgets["x-kubernetes-list-map-keys"]) == ("map", ["name"])
+    assert budgets["maxItems"] == 100
+    assert budgets["items"]["x-kubernetes-validations"] == [
+        {"rule": "has(self.requests) || has(self.tokens) || has(self.costUsd)",
+         "message": "needs a limit: requests, tokens or costUsd"},
+        {"rule": "!has(self.window) || duration(self.window).getMilliseconds() % 1000 == 0",
+         "message": "window must be a whole number of seconds"},
+    ]
+    assert budgets["items"]["properties"]["window"]["x-kubernetes-validations"] == [
+        {"rule": "duration(self) >= duration('1m')", "message": "must be at least 1m"}]
+    assert budgets["items"]["required"] == ["name", "window"]
+    with pytest.raises(ConfigError, match=r"spec\.budgets: must have at most 100 item\(s\)"):
+        parse_document(_with_budgets([_budget(name=f"b{i}") for i in range(101)]))
+    with pytest.raises(ConfigError, match=r"spec\.budgets\[1\]\.name: duplicate budget name 'b'"):
+        parse_document(_with_budgets([_budget(), _budget()]))
+
+
+def test_budget_names_are_unique_across_documents() -> None:
+    """They are metric labels, like provider names."""
+    a = _with_budgets([_budget(name="hourly")])
+    b = yaml.safe_load(SEED)
+    b["spec"]["budgets"] = [_budget(name="hourly")]
+    with pytest.raises(ConfigError) as exc:
+        parse_documents([a, b])
+    assert str(exc.value) == ("document 1 (holysheep-system/production-cluster): spec.budgets[0].name: "
+                              "budget 'hourly' is already defined by apps/multi")
 
 
 def test_the_seed_name_is_taken_by_base_url() -> None:
