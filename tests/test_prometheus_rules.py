@@ -4,7 +4,7 @@
 runs the unit tests in tests/promtool/ (input series written there, with the labels and
 annotations each alert must carry) against the same file. Every rule needs a case where it
 fires and one where it must not; two mutations per alert show both kinds of case can fail.
-By hand: see the README, "Checking the alerts and dashboard".
+By hand: see the README, "Checking the alerts and the dashboard".
 """
 
 from __future__ import annotations
