@@ -10,7 +10,6 @@ otherwise with the structural fallback below (brackets, strings, selectors, rang
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,19 +17,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from extproc.dev.processes import free_port
+from tests.monitoring import ROOT, alert_rules, dashboard, grafana, label_values_metric, panel_queries, variable_queries
 
-ROOT = Path(__file__).resolve().parent.parent
-MONITORING = ROOT / "mesh" / "monitoring"
 SEED = (ROOT / "mesh" / "samples" / "production-cluster.yaml").read_text()
-# Grafana's variables, replaced as Grafana would before the query reaches Prometheus.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$provider": ".*"}
 FUNCTIONS = {"sum", "max", "min", "count", "rate", "increase", "histogram_quantile", "clamp_min", "absent",
              "by", "and", "or", "unless", "bool", "on", "ignoring", "group_left", "group_right", "without"}
 
@@ -82,23 +76,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
 
 
 def dashboard_exprs() -> list[str]:
-    dash = json.loads((MONITORING / "holysheep-dashboard.json").read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    exprs += [v["definition"].removeprefix("label_values(").split(",")[0].strip()
-              for v in dash["templating"]["list"] if v["type"] == "query"]
-    return exprs
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
-    return [r for g in rule["spec"]["groups"] for r in g["rules"]]
-
-
-def grafana(expr: str) -> str:
-    for var, value in GRAFANA_VARS.items():
-        expr = expr.replace(var, value)
-    assert "$" not in expr, expr
-    return expr
+    return [q.expr for q in panel_queries()] + [label_values_metric(v)[0] for v in variable_queries()]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -160,7 +138,7 @@ def test_every_expression_parses() -> None:
 
 
 def test_dashboard_covers_the_issue() -> None:
-    dash = json.loads((MONITORING / "holysheep-dashboard.json").read_text())
+    dash = dashboard()
     used = set().union(*(metric_names(grafana(e)) for e in dashboard_exprs()))
     assert {"holysheep_requests_total", "holysheep_upstream_request_duration_seconds_bucket",
             "holysheep_tokens_total", "holysheep_cost_usd_total", "holysheep_workload_tokens_total",
