@@ -152,6 +152,8 @@ class RequestProcessor:
         if attempt is None:
             return None
         self._send(attempt)
+        if attempt.body is None:  # the client's body goes on unchanged: a shared answer per header set
+            return m.shared_request_body_response(attempt.headers, attempt.provider.remove_headers)
         return m.request_body_response(attempt.headers, attempt.provider.remove_headers, attempt.body, None)
 
     def _send(self, attempt: Attempt) -> None:
@@ -179,7 +181,8 @@ class RequestProcessor:
         # Only now is the body worth asking for: usage and the cache need a successful answer.
         assert self.ledger is not None
         self.copy = ResponseCopy(self.ledger.cache.spec.max_entry_bytes)
-        return m.response_headers_response(provider_header, m.STREAMED_RESPONSE)
+        # The same answer for every request to this provider: shared.
+        return m.shared_response_headers_response(provider_header, m.STREAMED_RESPONSE)
 
     async def _failover(self) -> m.ProcessingResponse:
         assert self.attempt is not None and self.plan is not None and self.ledger is not None

@@ -145,6 +145,7 @@ class DataPlane:
         if self.runtime is not None:
             for cache in self.runtime.caches.values():
                 await cache.close()
+        metrics.flush()  # the last requests' counts: nothing is lost on shutdown
         log.info("stopped")
 
     def _admin_app(self) -> web.Application:
@@ -163,6 +164,7 @@ class DataPlane:
             return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
         async def metrics_handler(_: web.Request) -> web.Response:
+            metrics.flush()  # this process's counts of the current loop iteration, before rendering
             body = await asyncio.to_thread(_render_metrics)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -62,6 +62,40 @@ def request_body_response(
     return resp
 
 
+# Shared answers: the same header set (an attempt's mutations, the provider header) gives the
+# same message, so it is built once (~10 us for a request body's mutations: upb message
+# construction) and only serialised afterwards. Bounded: cleared when full, since keys carry
+# per-provider paths and credentials (which rotate).
+_SHARED_MAX = 512
+_shared: dict[tuple[object, ...], pb.ProcessingResponse] = {}
+
+
+def _remember(key: tuple[object, ...], resp: pb.ProcessingResponse) -> pb.ProcessingResponse:
+    if len(_shared) >= _SHARED_MAX:
+        _shared.clear()
+    _shared[key] = resp
+    return resp
+
+
+def shared_request_body_response(set_headers: HeaderList, remove: Sequence[str]) -> pb.ProcessingResponse:
+    """``request_body_response(set_headers, remove, None, None)`` (the client's body goes on
+    unchanged), built once per header set. The message is shared: never mutate it."""
+    key = ("request_body", tuple(set_headers), tuple(remove))
+    resp = _shared.get(key)
+    return resp if resp is not None else _remember(key, request_body_response(set_headers, remove, None, None))
+
+
+def shared_response_headers_response(
+    set_headers: HeaderList, response_mode: ProcessingMode | None = None
+) -> pb.ProcessingResponse:
+    """``response_headers_response(set_headers, response_mode)``, built once per header set and
+    mode. The message is shared: never mutate it."""
+    mode = response_mode.SerializeToString() if response_mode is not None else None
+    key = ("response_headers", tuple(set_headers), mode)
+    resp = _shared.get(key)
+    return resp if resp is not None else _remember(key, response_headers_response(set_headers, response_mode))
+
+
 def request_headers_response(
     set_headers: HeaderList, remove: Iterable[str], response_mode: ProcessingMode | None
 ) -> pb.ProcessingResponse:
