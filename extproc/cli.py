@@ -27,7 +27,13 @@ def _add_extproc(sub: Any) -> None:
     p.add_argument("--secrets-dir", default=DEFAULT_SECRETS_DIR)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes sharing the gRPC port with SO_REUSEPORT (default: cores)")
-    p.add_argument("--drain-seconds", type=float, default=20.0)
+    # Termination (README "Upgrade"; the defaults are extproc.server.ServerOptions' and are
+    # explained next to the Deployment's probe in mesh/base/extproc.yaml).
+    p.add_argument("--drain-delay-seconds", type=float, default=20.0,
+                   help="after SIGTERM: not ready, yet serving new streams this long while the endpoint leaves "
+                        "every load balancer (default: 20, the readiness probe's 3 x 5 s plus 5 s propagation)")
+    p.add_argument("--drain-seconds", type=float, default=20.0,
+                   help="then: how long the streams in flight may take to finish before they are cancelled")
     p.add_argument("--log-level", default=os.environ.get("HOLYSHEEP_LOG_LEVEL", "INFO"))
     p.set_defaults(func=extproc_main)
 
@@ -59,7 +65,7 @@ def extproc_main(args: argparse.Namespace) -> int:
     host, port = args.http_address
     asyncio.run(serve(ServerOptions(
         config_path=args.config, grpc_address=args.grpc_address, http_host=host, http_port=port,
-        secrets_dir=args.secrets_dir, drain_seconds=args.drain_seconds,
+        secrets_dir=args.secrets_dir, drain_delay_seconds=args.drain_delay_seconds, drain_seconds=args.drain_seconds,
     )))
     return 0
 

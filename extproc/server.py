@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,8 @@ from protos.spec import ConfigError, load_text
 
 log = logging.getLogger(__name__)
 
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health service name
+
 
 @dataclass
 class ServerOptions:
@@ -38,6 +40,10 @@ class ServerOptions:
     http_port: int = 8080
     secrets_dir: str = DEFAULT_SECRETS_DIR
     reload_interval: float = 1.0
+    # Termination (README "Upgrade"): after SIGTERM, not ready but still serving new streams for
+    # drain_delay_seconds, then up to drain_seconds for the streams in flight. Same defaults as
+    # the CLI's flags; mesh/base/extproc.yaml says why these values.
+    drain_delay_seconds: float = 20.0
     drain_seconds: float = 20.0
 
 
@@ -113,6 +119,11 @@ class DataPlane:
         port = grpc_server.add_insecure_port(self.options.grpc_address)
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.options.grpc_address}")
+        # The health status is set before the port serves: the servicer starts out SERVING, which
+        # a health check arriving first would otherwise see even with no valid config.
+        status = health_pb2.HealthCheckResponse.SERVING if self.runtime else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set("", status)
+        await health_servicer.set(EXT_PROC_SERVICE, status)
         await grpc_server.start()
         runner = web.AppRunner(self._admin_app(), access_log=None)
         await runner.setup()
@@ -120,24 +131,13 @@ class DataPlane:
         await site.start()
         self.serving = True
         self._update_ready()
-        status = health_pb2.HealthCheckResponse.SERVING if self.runtime else health_pb2.HealthCheckResponse.NOT_SERVING
-        await health_servicer.set("", status)
-        await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", status)
         log.info("serving ext_proc on %s (port %d), admin on %s:%d",
                  self.options.grpc_address, port, self.options.http_host, self.options.http_port)
         watcher = asyncio.get_running_loop().create_task(self._watch_config())
         await stop.wait()
 
-        # Drain: stop being ready first, so Kubernetes and Envoy stop sending new streams,
-        # then let the streams in flight finish before the process goes.
-        self.shutting_down = True
-        self._update_ready()
-        await health_servicer.enter_graceful_shutdown()
-        log.info("draining %d stream(s)", service.in_flight)
+        await self._drain(grpc_server, health_servicer, service)
         watcher.cancel()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(service.idle.wait(), self.options.drain_seconds)
-        await grpc_server.stop(grace=1.0)
         await runner.cleanup()
         await self.health.stop()
         await self.credentials.stop()
@@ -147,6 +147,38 @@ class DataPlane:
                 await cache.close()
         metrics.flush()  # the last requests' counts: nothing is lost on shutdown
         log.info("stopped")
+
+    async def _drain(self, grpc_server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                     service: ExternalProcessorService) -> None:
+        """Termination that loses no stream, in two phases.
+
+        1. Not ready at once (/ready 503, gRPC health NOT_SERVING for every service), yet still
+           accepting and serving new streams for drain_delay_seconds: until then some Envoy may
+           not know yet that this endpoint is going (readiness probe, endpoint propagation; an
+           active health check locally), and a stream refused meanwhile could only be retried
+           if it failed before its first answer.
+        2. grpc.aio's stop(grace): the listener closes and every connection gets a GOAWAY, so
+           Envoy opens new streams elsewhere (a refused connection or a stream answered CANCELLED
+           right at the GOAWAY are both in the filter's retry_on); the streams in flight run to
+           their end for up to drain_seconds, after which gRPC cancels what is left. stop()
+           returns as soon as the last one ends.
+        """
+        delay, grace = self.options.drain_delay_seconds, self.options.drain_seconds
+        self.shutting_down = True
+        self._update_ready()
+        await health_servicer.enter_graceful_shutdown()
+        log.info("shutting down: not ready; serving new streams for %gs more, then draining for up to %gs",
+                 delay, grace, extra={"in_flight": service.in_flight})
+        if delay > 0:
+            await asyncio.sleep(delay)
+        in_flight, t0 = service.in_flight, time.monotonic()
+        stopping = asyncio.ensure_future(grpc_server.stop(grace=grace))
+        try:
+            await asyncio.wait_for(service.idle.wait(), grace)
+        except TimeoutError:
+            log.warning("drain deadline reached: cancelling %d stream(s) still in flight", service.in_flight)
+        await stopping
+        log.info("drained", extra={"in_flight_at_stop": in_flight, "drain_s": round(time.monotonic() - t0, 3)})
 
     def _admin_app(self) -> web.Application:
         app = web.Application()

@@ -16,6 +16,8 @@ EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.E
 PREVIOUS_HOSTS_TYPE = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+# The ext_proc stream's retry conditions (see ext_proc_filter).
+RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,reset"
 
 # Envoy 1.40 drops header mutations sent in a body response when the request-headers phase was
 # skipped (and ignores mode_override there), so the headers are sent and answered at once with
@@ -48,10 +50,15 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
             "envoy_grpc": {"cluster_name": cluster_name},
             "timeout": "5s",
             # A processor replica that just went away must not cost the request: open the
-            # stream on another host instead.
+            # stream on another host instead. Envoy can retry a stream only until its first
+            # answer, so these cover exactly what a replica going away does to a stream it never
+            # answered: a closed port (connect-failure), a stream past its GOAWAY
+            # (refused-stream), a stream opened right at gRPC's stop(), answered CANCELLED, a
+            # sidecar in front of a stopped server (UNAVAILABLE), a dropped connection (reset).
+            # Envoy ignores unknown words here: tests/test_extproc_retry_policy.py proves each.
             "retry_policy": {
                 "num_retries": 2,
-                "retry_on": "connect-failure,refused-stream,unavailable,reset",
+                "retry_on": RETRY_ON,
                 "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
                 "retry_host_predicate": [{
                     "name": "envoy.retry_host_predicates.previous_hosts",

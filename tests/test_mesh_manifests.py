@@ -153,6 +153,7 @@ def test_default_build_contents() -> None:
         ("ServiceAccount", "holysheep-extproc"), ("Deployment", "holysheep-extproc"),
         ("Service", "holysheep-extproc"), ("HorizontalPodAutoscaler", "holysheep-extproc"),
         ("PodDisruptionBudget", "holysheep-extproc"), ("PeerAuthentication", "holysheep-extproc"),
+        ("DestinationRule", "holysheep-extproc"),
         ("ServiceAccount", "holysheep-mesh-controller"), ("Deployment", "holysheep-mesh-controller"),
         ("PodDisruptionBudget", "holysheep-mesh-controller"),
         ("ClusterRole", "holysheep-mesh-controller"), ("ClusterRoleBinding", "holysheep-mesh-controller"),
@@ -183,10 +184,10 @@ def test_core_objects_validate_against_kubernetes_schemas() -> None:
 
 def test_istio_objects_validate_against_istio_1_30() -> None:
     istio = [o for o in build() if "istio.io" in o["apiVersion"]]
-    assert [o["kind"] for o in istio] == ["PeerAuthentication"]
+    assert sorted(o["kind"] for o in istio) == ["DestinationRule", "PeerAuthentication"]
     for obj in istio:
         jsonschema.validate(obj, strict_root(istio_schemas()[(obj["apiVersion"], obj["kind"])]))
-    (pa,) = istio
+    (pa,) = [o for o in istio if o["kind"] == "PeerAuthentication"]  # the DestinationRule: test_upgrade_manifests
     assert pa["spec"]["mtls"]["mode"] == "STRICT"
     svc = one("Service", naming.DEFAULT_EXTPROC_SERVICE)
     assert pa["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]

@@ -75,6 +75,7 @@ async def run_dev(options: DevOptions, stop: asyncio.Event, banner: str = "") ->
         http_port=options.admin_port,
         secrets_dir=options.secrets_dir,
         drain_seconds=5.0,
+        drain_delay_seconds=0.0,  # Envoy, the one client, is stopped first
     ))
     plane_stop = asyncio.Event()
     plane_task = asyncio.get_running_loop().create_task(plane.run(plane_stop))

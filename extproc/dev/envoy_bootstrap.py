@@ -26,6 +26,7 @@ from protos.spec import HolySheepConfig, ProviderSpec
 EXTPROC_CLUSTER = "holysheep-extproc"
 BUFFER_LIMIT = 16 << 20  # above the processor's own 8 MiB limit, so it answers 413 in OpenAI form
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+MAX_STREAMS = 1024  # Envoy's default max_requests per cluster, stated: the ext_proc cluster's retry cap too
 
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -147,13 +148,25 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
                 "@type": _HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        # Replicas that stop (drain, crash) leave the rotation within a second.
+        # The active health check alone decides who gets streams: a replica that stops turns
+        # NOT_SERVING at SIGTERM (and keeps serving for its --drain-delay-seconds), so it leaves
+        # the rotation within a second, and a restarted one rejoins at its first SERVING answer.
+        # No outlier detection: ejecting on errors would also eject a healthy replica for the
+        # errors of the requests it serves, and keep a restarted one out for its ejection time.
         "health_checks": [{
             "timeout": "0.5s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
             "no_traffic_interval": "1s", "grpc_health_check": {},
         }],
-        "outlier_detection": {"consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
-                              "base_ejection_time": "5s", "max_ejection_percent": 100},
+        # Envoy holds back a health change that comes within update_merge_window (default 1 s)
+        # of the previous one: in a rolling restart the worker threads would go on picking the
+        # replica that just went NOT_SERVING, and not the one that just came back, for up to
+        # a second. A handful of replicas gains nothing from merging.
+        "common_lb_config": {"update_merge_window": "0s"},
+        # While a replica goes away every stream in flight may be a retry (the filter's
+        # retry_policy): Envoy's default cap of 3 concurrent retries per cluster would fail the
+        # rest outright (upstream_rq_retry_overflow). As many retries as requests may be pending.
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_requests": MAX_STREAMS,
+                                             "max_retries": MAX_STREAMS}]},
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": [_endpoint(a, p) for a, p in options.extproc_addresses]}],

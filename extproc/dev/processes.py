@@ -204,6 +204,9 @@ class ExtProc:
     http_port: int = field(default_factory=free_port)
     log_path: Path | None = None
     drain_seconds: float = 5.0
+    # 0: stop accepting at SIGTERM, as no load balancer here needs time to notice (a rolling
+    # restart test behind Envoy's health check sets it; the product's default is 20 s).
+    drain_delay_seconds: float = 0.0
     log_level: str = "DEBUG"
     proc: subprocess.Popen[bytes] | None = None
 
@@ -215,7 +218,8 @@ class ExtProc:
         return [sys.executable, "-m", "extproc.cli", "extproc", "--config", str(self.config_path),
                 "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--http-address", f"127.0.0.1:{self.http_port}",
                 "--secrets-dir", str(self.secrets_dir), "--workers", str(self.workers),
-                "--drain-seconds", f"{self.drain_seconds:g}", "--log-level", self.log_level]
+                "--drain-seconds", f"{self.drain_seconds:g}", "--drain-delay-seconds", f"{self.drain_delay_seconds:g}",
+                "--log-level", self.log_level]
 
     def start(self, timeout: float = 20.0) -> None:
         process = Process(self.argv(), self.log_path, env=self.env, cwd=self.config_path.parent)

@@ -51,6 +51,7 @@ class Stack:
         *,
         workdir: Path | None = None,
         drain_seconds: float = 5.0,
+        drain_delay_seconds: float = 0.0,
         log_level: str = "DEBUG",
         envoy_concurrency: int = 1,
         envoy_log_level: str = "warning",
@@ -72,6 +73,7 @@ class Stack:
         self.workers = workers
         self.extproc_count = extproc_count
         self.drain_seconds = drain_seconds
+        self.drain_delay_seconds = drain_delay_seconds
         self.log_level = log_level
         self.envoy_concurrency = envoy_concurrency
         self.envoy_log_level = envoy_log_level
@@ -168,7 +170,7 @@ class Stack:
         for i in range(self.extproc_count):
             ep = ExtProc(self.config_path, self.secrets_dir, self.env, workers=self.workers,
                          log_path=self.workdir / f"extproc-{i}.log", drain_seconds=self.drain_seconds,
-                         log_level=self.log_level)
+                         drain_delay_seconds=self.drain_delay_seconds, log_level=self.log_level)
             ep.start()
             self.extprocs.append(ep)
         self.envoy = Envoy(self.bootstrap(), self.workdir, self.port, self.admin_port,
