@@ -120,9 +120,13 @@ class Ledger:
             metrics.CACHE_EVENTS.labels("miss").inc()
         return found
 
-    def settle(self, attempt: Attempt, body: bytes, status: int, content_type: str, whole: bool = True) -> None:
-        """A successful answer is complete: its usage, its cost, and its copy in the cache."""
-        usage, complete = usage_of(body, self.endpoint.schema, self.parsed.stream)
+    def settle(self, attempt: Attempt, body: bytes, status: int, content_type: str, whole: bool = True,
+               counted: tuple[Usage | None, bool] | None = None) -> None:
+        """A successful answer is complete: its usage, its cost, and its copy in the cache.
+
+        ``counted`` is (usage, complete) when already read from the provider's answer: a
+        translated one (extproc/translated.py), whose client-side form may not carry the usage."""
+        usage, complete = counted if counted is not None else usage_of(body, self.endpoint.schema, self.parsed.stream)
         if usage is not None:
             self._record_usage(attempt, usage)
         if whole and complete and self.cache.enabled and body and status < 300:

@@ -4,17 +4,23 @@ which API.
 In the style of Envoy AI Gateway's backend auth handlers and translators, everything that
 depends on the provider an attempt goes to sits behind ``ProviderAdapter``: the processor asks
 it for the request's path, body and headers and never looks at an auth type or an API itself.
-A provider with another API (Anthropic's Messages for an OpenAI client, say) is a subclass that
-overrides the request methods here and adds the response side, chosen where ``Runtime`` builds
-the adapters.
+A provider of another API family than the client's (Anthropic's Messages for an OpenAI client,
+say) is ``extproc.translated.TranslatingAdapter``, chosen where ``Runtime`` builds the adapters
+(``adapter_for``): its ``translation`` re-expresses the request for the provider and carries the
+answer's way back; here it is always None.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from extproc.api import Endpoint, ParsedRequest, encode_with_model
 from extproc.auth import auth_headers
 from extproc.credentials import CredentialStore
 from protos.spec import ProviderSpec
+
+if TYPE_CHECKING:
+    from extproc.translated import Translation
 
 Headers = list[tuple[str, bytes]]
 
@@ -35,6 +41,12 @@ class ProviderAdapter:
 
     # --- request: what goes to the provider ---------------------------------------------------
 
+    def translation(self, endpoint: Endpoint, parsed: ParsedRequest, model: str) -> Translation | None:
+        """The request re-expressed in the provider's API, for ``model``; None when the provider
+        serves the client's API (then the methods below address the request). Raises a
+        ``ClientError`` naming what the provider's API cannot express."""
+        return None
+
     def request_suffix(self, endpoint: Endpoint) -> str:
         """The endpoint on the provider, after its base path (with the client's query)."""
         return endpoint.suffix
@@ -50,9 +62,10 @@ class ProviderAdapter:
         credential = self._credentials.get(self.spec.auth)
         return auth_headers(self.spec.auth, credential) if credential is not None else []
 
-    def request_headers(self, suffix: str, body: bytes | None) -> Headers:
+    def request_headers(self, suffix: str, body: bytes | None, translation: Translation | None = None) -> Headers:
         """The one header set of an attempt: Envoy's header mutation for the first attempt, and
-        (``Attempt.call_headers``) the processor's own call on failover.
+        (``Attempt.call_headers``) the processor's own call on failover; a translated request adds
+        the translation's (``anthropic-version``, an uncompressed answer).
 
         Header text is latin-1-decoded bytes (protos.messages.headers_to_dict): the suffix is
         encoded back the same way, so a client's query bytes reach the provider unchanged.
@@ -61,6 +74,8 @@ class ProviderAdapter:
         headers += self.auth_headers()
         if body is not None:
             headers.append(("content-length", str(len(body)).encode()))
+        if translation is not None:
+            headers += translation.headers
         return headers
 
     def url(self, suffix: str) -> str:

@@ -33,6 +33,8 @@ class HealthChecker:
         assert hc is not None
         headers: dict[str, str] = {"accept": "application/json"}
         headers.update(auth_header_dict(provider.spec.auth, runtime.credentials.get(provider.spec.auth)))
+        if provider.spec.api == "Anthropic":  # Anthropic's API answers 400 to a request without it
+            headers["anthropic-version"] = provider.spec.anthropic_version
         url = provider.spec.base_url.rstrip("/") + hc.endpoint
         timeout = min(hc.interval, provider.timeout)
         result = await self.upstream.request("GET", url, headers, None, timeout)

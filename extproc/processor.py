@@ -80,6 +80,7 @@ class RequestProcessor:
         self.started = 0.0
         self.answered = False
         self.copy: ResponseCopy | None = None
+        self.answer_status = 200  # the provider's status of the answer the body phase passes on
 
     # --- request phases -------------------------------------------------------------------
 
@@ -146,11 +147,13 @@ class RequestProcessor:
         return first if first is not None else await self._exhausted()
 
     def _first_attempt(self) -> m.ProcessingResponse | None:
-        """The first attempt goes through Envoy; None when no backend can be tried."""
+        """The first attempt goes through Envoy; None when no backend can be tried. When every
+        backend refused the request (a field its API cannot express), that 400, not a 503."""
         assert self.plan is not None
         attempt = self.plan.next()
         if attempt is None:
-            return None
+            refusal = self.plan.refusal
+            return self.reject(refusal) if refusal is not None else None
         self._send(attempt)
         if attempt.body is None:  # the client's body goes on unchanged: a shared answer per header set
             return m.shared_request_body_response(attempt.headers, attempt.provider.remove_headers)
@@ -181,6 +184,9 @@ class RequestProcessor:
         # Only now is the body worth asking for: usage and the cache need a successful answer.
         assert self.ledger is not None
         self.copy = ResponseCopy(self.ledger.cache.spec.max_entry_bytes)
+        self.answer_status = status
+        if attempt.translation is not None:  # the answer goes back in the client's API (translated.py)
+            return attempt.translation.response_headers(provider_header, status)
         # The same answer for every request to this provider: shared.
         return m.shared_response_headers_response(provider_header, m.STREAMED_RESPONSE)
 
@@ -194,8 +200,12 @@ class RequestProcessor:
                 continue
             self._succeeded(attempt, result.status)
             metrics.FAILOVERS.labels(failed, attempt.provider.name).inc()
+            translation = attempt.translation
+            if translation is not None:  # in the client's API, counted as the translator read it
+                result = translation.result(result)
             if result.status < 300:
-                self.ledger.settle(attempt, result.body, result.status, result.content_type)
+                counted = translation.counted if translation is not None else None
+                self.ledger.settle(attempt, result.body, result.status, result.content_type, counted=counted)
             headers = [(k, v.encode("latin-1")) for k, v in result.headers]
             headers.append((PROVIDER_HEADER, attempt.provider.name.encode()))
             return m.immediate_response(result.status, headers, result.body, "holysheep_failover")
@@ -221,19 +231,31 @@ class RequestProcessor:
         count_answer(attempt, status, self.caller)
 
     def response_body(self, req: m.ProcessingRequest) -> m.ProcessingResponse:
-        # Passed through unchanged; the copy is taken after the ack (after_response_body).
-        return m.CONTINUE_RESPONSE_BODY
+        attempt, copy = self.attempt, self.copy
+        if attempt is None or attempt.translation is None or copy is None:
+            # Passed through unchanged; the copy is taken after the ack (after_response_body).
+            return m.CONTINUE_RESPONSE_BODY
+        # Translated: the chunk becomes the client's bytes now, and those are what the copy keeps.
+        body = req.response_body
+        out = attempt.translation.body(body.body, body.end_of_stream)
+        if out:
+            copy.feed(out)
+        return m.response_body_response(out)
 
     def after_response_body(self, req: m.ProcessingRequest) -> None:
         copy = self.copy
         if copy is None:
             return
+        attempt = self.attempt
+        translation = attempt.translation if attempt is not None else None
         chunk = req.response_body.body
-        if chunk:
+        if chunk and translation is None:  # a translated answer was copied as the client got it
             copy.feed(chunk)
-        if req.response_body.end_of_stream and self.attempt is not None and self.ledger is not None:
+        if req.response_body.end_of_stream and attempt is not None and self.ledger is not None:
             content_type = "text/event-stream" if self._streaming else "application/json"
-            self.ledger.settle(self.attempt, copy.body, 200, content_type, whole=copy.whole)
+            counted = translation.counted if translation is not None else None
+            self.ledger.settle(attempt, copy.body, self.answer_status, content_type, whole=copy.whole,
+                               counted=counted)
 
     # --- answers of our own ---------------------------------------------------------------
 

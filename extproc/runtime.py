@@ -18,6 +18,7 @@ from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
 from extproc.routing import RouteTable
 from extproc.shared_state import breaker_slot
+from extproc.translated import adapter_for
 from protos.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
 
 
@@ -80,7 +81,7 @@ class Runtime:
                     breaker.trial_timeout = timeout
                 else:
                     breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, timeout, breaker_slot(spec.name))
-                adapter = ProviderAdapter(spec, credentials)
+                adapter = adapter_for(spec, credentials)  # translating when spec.api is not every client's
                 remove = headers_to_remove(spec.auth, credential_headers)
                 provider = Provider(spec, cfg, breaker, timeout, adapter, remove)
                 self.providers[spec.name] = provider

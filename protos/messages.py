@@ -154,3 +154,32 @@ def headers_to_dict(headers: pb.HttpHeaders) -> dict[str, str]:
     for h in headers.headers.headers:
         out[h.key.lower()] = h.raw_value.decode("latin-1") if h.raw_value else h.value
     return out
+
+
+# --- a translated answer (extproc/translated.py): headers and body in the client's API --------
+
+
+def response_headers_mutation(
+    set_headers: HeaderList, remove: Iterable[str], response_mode: ProcessingMode | None
+) -> pb.ProcessingResponse:
+    """Response headers with some set and some removed (a translated answer: the client's
+    content type, no content-length since the body changes)."""
+    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common(set_headers, remove)))
+    if response_mode is not None:
+        resp.mode_override.CopyFrom(response_mode)
+    return resp
+
+
+_DROP_CHUNK = pb.ProcessingResponse(
+    response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True)))
+)
+
+
+def response_body_response(body: bytes) -> pb.ProcessingResponse:
+    """A streamed response chunk replaced by ``body``: in STREAMED mode Envoy sends the
+    mutation's bytes instead of the chunk's; empty drops the chunk (held back, or nothing yet)."""
+    if not body:
+        return _DROP_CHUNK
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body)))
+    )

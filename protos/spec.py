@@ -144,13 +144,34 @@ class AuthSpec:
         )
 
 
-@model
+# A provider's API family (issue 16): what a request is translated to when the client speaks another.
+API_FAMILIES = ("OpenAI", "Anthropic")
+
+
+@model(rules=(
+    Rule(
+        "self.api != 'Anthropic' || self.auth.type != 'Bearer'",
+        "an Anthropic provider takes its key in x-api-key: set auth.type XApiKey (or ApiKey, Header)",
+        check=lambda f: f["api"] != "Anthropic" or f["auth"].type != "Bearer",
+    ),
+))
 class ProviderSpec:
     name: str = field(Str(DNS_LABEL, "a DNS label such as 'openai'", max_length=63), description=(
         "The provider's name: a DNS label, unique across the data plane (a metric label and the breaker's key)."))
     base_url: str = field(HTTP_URL, description="The provider's base URL, e.g. https://api.openai.com/v1.")
     auth: AuthSpec = field(Obj(AuthSpec), description="The provider's credential: where it comes from, how it is sent.")
     timeout: float | None = field(Dur(), default=None, description="Per-attempt timeout (default: spec.timeout).")
+    api: str = field(Enum(*API_FAMILIES), default="OpenAI", description=(
+        "The provider's API family: OpenAI (chat completions) or Anthropic (Messages). A client of the other "
+        "family is translated to it, unless passThrough lists the client's family."))
+    pass_through: tuple[str, ...] = field(Arr(Enum(*API_FAMILIES), 1), default_factory=tuple, description=(
+        "API families the provider also serves itself (a relay such as HolySheep serving both /chat/completions "
+        "and /messages): their requests go to it unchanged instead of translated to api."))
+    anthropic_version: str = field(
+        Str(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "a version date such as 2023-06-01"), default="2023-06-01",
+        description="The anthropic-version header sent with requests translated for an Anthropic provider.")
+    max_tokens: int = field(Int(1), default=4096, description=(
+        "max_tokens of a request translated for an Anthropic provider whose client set none (Anthropic requires it)."))
 
     @property
     def scheme(self) -> str:
@@ -284,6 +305,7 @@ def _seed_provider_first(
             name=SEED_PROVIDER_NAME,
             base_url=parsed["base_url"],
             auth=AuthSpec(type="Bearer", secret_name=SEED_SECRET_NAME, key=SEED_SECRET_KEY, env=SEED_ENV),
+            pass_through=("Anthropic",),  # the HolySheep relay serves /messages too: passed through, as before
         )
         providers = (seed, *providers)
     if not providers:

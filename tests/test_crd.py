@@ -462,3 +462,85 @@ def test_one_declaration_gives_errors_with_paths(spec: dict[str, Any], message: 
     if schema_rejects:  # the rest are CEL rules or list-map keys, which only the API server checks
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(spec, openapi(_notation_spec()))
+
+
+# --- a provider's API family (issue 16) --------------------------------------------------------
+
+
+def _with_provider(**fields: Any) -> dict[str, Any]:
+    """The three-provider example with the anthropic provider's fields changed (_DELETE removes one)."""
+    doc: dict[str, Any] = yaml.safe_load((FIXTURES / "render_three_providers.yaml").read_text())
+    provider = doc["spec"]["providers"][1]
+    for key, value in fields.items():
+        if value is _DELETE:
+            provider.pop(key, None)
+        else:
+            provider[key] = value
+    return doc
+
+
+def test_provider_api_fields_are_accepted_and_defaulted_alike() -> None:
+    doc = _with_provider(api="Anthropic", anthropicVersion="2023-01-01", maxTokens=1024)
+    doc["spec"]["providers"][2]["passThrough"] = ["Anthropic"]
+    jsonschema.validate(doc, schema())
+    cfg = parse_document(copy.deepcopy(doc))
+    assert [(p.name, p.api, p.pass_through, p.anthropic_version, p.max_tokens) for p in cfg.providers] == [
+        ("openai", "OpenAI", (), "2023-06-01", 4096),
+        ("anthropic", "Anthropic", (), "2023-01-01", 1024),
+        ("gateway", "OpenAI", ("Anthropic",), "2023-06-01", 4096),
+    ]
+    filled = {**doc, "spec": crd.apply_defaults(copy.deepcopy(doc["spec"]))}
+    assert {k: filled["spec"]["providers"][0][k] for k in ("api", "anthropicVersion", "maxTokens")} == {
+        "api": "OpenAI", "anthropicVersion": "2023-06-01", "maxTokens": 4096}
+    assert "passThrough" not in filled["spec"]["providers"][0]  # absent: the provider serves its api only
+    jsonschema.validate(filled, schema())
+    assert parse_document(filled) == cfg
+
+
+def test_the_seed_provider_passes_anthropic_clients_through() -> None:
+    # The HolySheep relay serves /v1/messages itself: its Anthropic clients stay untranslated.
+    (seed,) = parse_document(yaml.safe_load(SEED)).providers
+    assert (seed.api, seed.pass_through) == ("OpenAI", ("Anthropic",))
+
+
+# (fields of providers[1], the parser's message, whether jsonschema rejects it too: the rest is a CEL rule)
+PROVIDER_API_ERRORS = [
+    ({"api": "Gemini"}, "spec.providers[1].api: must be one of OpenAI, Anthropic, got 'Gemini'", True),
+    ({"passThrough": []}, "spec.providers[1].passThrough: must have at least 1 item(s)", True),
+    ({"passThrough": ["Bedrock"]},
+     "spec.providers[1].passThrough[0]: must be one of OpenAI, Anthropic, got 'Bedrock'", True),
+    ({"anthropicVersion": "latest"},
+     "spec.providers[1].anthropicVersion: 'latest' is not valid: a version date such as 2023-06-01", True),
+    ({"maxTokens": 0}, "spec.providers[1].maxTokens: must be >= 1, got 0", True),
+    ({"api": "Anthropic", "auth": {"type": "Bearer", "env": "ANTHROPIC_KEY"}},
+     "spec.providers[1]: an Anthropic provider takes its key in x-api-key: set auth.type XApiKey (or ApiKey, "
+     "Header)", False),
+    ({"api": "Anthropic", "auth": {"env": "ANTHROPIC_KEY"}},  # the default type is Bearer
+     "spec.providers[1]: an Anthropic provider takes its key in x-api-key: set auth.type XApiKey (or ApiKey, "
+     "Header)", False),
+]
+
+
+@pytest.mark.parametrize(("fields", "message", "schema_rejects"), PROVIDER_API_ERRORS,
+                         ids=[m.split(": ", 1)[1][:40] for _, m, _ in PROVIDER_API_ERRORS])
+def test_invalid_provider_api_fields_name_the_field(fields: dict[str, Any], message: str,
+                                                    schema_rejects: bool) -> None:
+    doc = _with_provider(**fields)
+    with pytest.raises(ConfigError) as exc:
+        parse_document(copy.deepcopy(doc))
+    assert str(exc.value) == f"document 0 (apps/multi): {message}"
+    if schema_rejects:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schema())
+    else:
+        jsonschema.validate(doc, schema())  # the API server's CEL rule, pinned below, refuses it
+
+
+def test_provider_api_rule_for_the_api_server() -> None:
+    providers = schema()["properties"]["spec"]["properties"]["providers"]["items"]
+    assert providers["x-kubernetes-validations"] == [
+        {"rule": "self.api != 'Anthropic' || self.auth.type != 'Bearer'",
+         "message": "an Anthropic provider takes its key in x-api-key: set auth.type XApiKey (or ApiKey, Header)"},
+    ]
+    assert [k for k in providers["properties"] if k in ("api", "passThrough", "anthropicVersion", "maxTokens")] == [
+        "api", "passThrough", "anthropicVersion", "maxTokens"]

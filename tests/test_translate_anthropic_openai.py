@@ -141,8 +141,6 @@ def test_output_config() -> None:
     ({"tools": [{"name": "f", "input_schema": {"type": "object"}, "input_examples": [{}]}]},
      "tools[0].input_examples"),
     ({"output_config": {"task_budget": 5}}, "output_config.task_budget"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x",
-                                                 "is_error": True}]}]}, "messages[0].content[0].is_error"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
         {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}]},
      "messages[0].content[0].content[0]"),
@@ -162,6 +160,30 @@ def test_untranslatable_fields_are_a_400_naming_the_field(extra: dict[str, Any],
         T.request(msgs(**extra), "gpt-test")
     assert err.value.status == 400 and err.value.param == field
     assert "OpenAI" in err.value.message and field in err.value.message
+
+
+def test_a_failed_tool_result_keeps_its_text_marked_as_an_error() -> None:
+    # Agent SDKs send is_error after any failed tool; OpenAI tool messages have no such flag, so
+    # the failure is said in the text the model reads, once.
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+                                             {"type": "tool_use", "id": "t2", "name": "f", "input": {}},
+                                             {"type": "tool_use", "id": "t3", "name": "f", "input": {}},
+                                             {"type": "tool_use", "id": "t4", "name": "f", "input": {}}]}
+    results = {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": "file not found", "is_error": True},
+        {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text", "text": "timeout"}],
+         "is_error": True},
+        {"type": "tool_result", "tool_use_id": "t3", "is_error": True},
+        {"type": "tool_result", "tool_use_id": "t4", "content": "Error: exit status 2", "is_error": True}]}
+    body = translate(msgs({"role": "user", "content": "go"}, call, results))
+    tools = [m for m in body["messages"] if m["role"] == "tool"]
+    assert [t["content"] for t in tools] == [
+        "Error: file not found", [{"type": "text", "text": "Error: timeout"}], "Error", "Error: exit status 2"]
+    assert all(set(t) == {"role", "tool_call_id", "content"} for t in tools)
+    with pytest.raises(ClientError) as err:
+        T.request(msgs({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "x", "is_error": "yes"}]}), "gpt-test")
+    assert err.value.param == "messages[0].content[0].is_error"
 
 
 @pytest.mark.parametrize("extra", [
@@ -319,3 +341,13 @@ def test_stream_error_chunk_becomes_an_error_event() -> None:
     assert st.failed and not st.complete
     name, data = events_of(raw)[-1]
     assert name == "error" and data["error"] == {"type": "api_error", "message": "boom"}
+
+
+def test_a_lone_surrogate_escape_is_sent_escaped_not_a_crash() -> None:
+    # Found by the request-body fuzzer: "\ud800" is valid JSON but not UTF-8; the translated body
+    # keeps it escaped, as the client sent it (and as an untranslated body is sent).
+    body = T.request(msgs({"role": "user", "content": "caf\u00e9 \ud800"}), "gpt-test").body
+    assert b"\\ud800" in body and json.loads(body)["messages"][0]["content"] == "caf\u00e9 \ud800"
+    body = translator_for("/chat/completions", ANTHROPIC).request(  # type: ignore[union-attr]
+        {"model": "m", "messages": [{"role": "user", "content": "\udfff"}]}, "claude-test").body
+    assert json.loads(body)["messages"][0]["content"] == "\udfff"

@@ -9,9 +9,10 @@ Answer: an Anthropic ``message``; stream: ``message_start``, ``content_block_*``
 ``message_delta`` (stop reason and usage) and ``message_stop`` events; errors in Anthropic's
 shape with the backend's status.
 
-What OpenAI lacks (``thinking``, server tools, ``is_error`` on tool results, citations, MCP...)
-is refused with a 400 naming the field; ``cache_control`` (a caching hint: OpenAI caches on
-its own) is accepted and not forwarded.
+What OpenAI lacks (``thinking``, server tools, citations, MCP...) is refused with a 400 naming
+the field; ``cache_control`` (a caching hint: OpenAI caches on its own) is accepted and not
+forwarded. A tool result's ``is_error: true`` (which agent SDKs send after any failed tool) has no
+OpenAI field either: its text is kept, prefixed ``Error: `` (``_failed_tool``), and the flag dropped.
 """
 
 from __future__ import annotations
@@ -411,27 +412,42 @@ def _user(blocks: list[Any], i: int, out: list[dict[str, Any]]) -> None:
 
 
 def _tool_result(block: dict[str, Any], field: str) -> dict[str, Any]:
-    for key, value in block.items():
-        if key == "is_error" and value is True:
-            raise untranslatable(f"{field}.is_error", API, "OpenAI tool messages cannot be marked as errors")
+    for key in block:
         if key not in ("type", "tool_use_id", "content", "is_error", "cache_control"):
             raise untranslatable(f"{field}.{key}", API, "the field is not part of the translated API")
     if not isinstance(block.get("tool_use_id"), str):
         raise invalid(f"{field}.tool_use_id", "is required")
+    is_error = block.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
+        raise invalid(f"{field}.is_error", "must be a boolean")
     content = block.get("content")
     result: dict[str, Any] = {"role": "tool", "tool_call_id": block["tool_use_id"]}
     if content is None or isinstance(content, str):
-        result["content"] = content or ""
+        result["content"] = _failed_tool(content or "") if is_error else content or ""
     elif isinstance(content, list):
         parts = []
         for k, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") != "text":
                 raise untranslatable(f"{field}.content[{k}]", API, "OpenAI tool messages carry only text")
             parts.append(_text(part, f"{field}.content[{k}]"))
+        if is_error:
+            if parts:
+                parts[0] = {"type": "text", "text": _failed_tool(parts[0]["text"])}
+            else:
+                parts = [{"type": "text", "text": _failed_tool("")}]
         result["content"] = parts
     else:
         raise invalid(f"{field}.content", "must be a string or an array of blocks")
     return result
+
+
+def _failed_tool(text: str) -> str:
+    """A tool result marked ``is_error``: OpenAI tool messages have no such flag, so the failure
+    goes in the text the model reads (agent SDKs mark every failed tool call this way; refusing
+    them would break any agent loop on failover). Text that already says so is left alone."""
+    if text[:5].lower() == "error":
+        return text
+    return f"Error: {text}" if text else "Error"
 
 
 def _image(block: dict[str, Any], field: str) -> dict[str, Any]:

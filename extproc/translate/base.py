@@ -151,6 +151,10 @@ class Translator(ABC):
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             return self._untranslatable(f"{type(exc).__name__} in the answer")
 
+    def unreadable(self, detail: str) -> ClientResponse:
+        """The client's error (a 502 in its API's shape) for an answer that cannot be read at all."""
+        return self._untranslatable(detail)
+
     @abstractmethod
     def error(self, status: int, body: bytes) -> ClientResponse:
         """A backend error (any body, even one that is not JSON) as the client's API reports it."""
@@ -171,7 +175,11 @@ class Translator(ABC):
 
 def dumps(obj: Any) -> bytes:
     """Compact JSON; non-ASCII stays UTF-8 (smaller, and what both providers send)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800": valid JSON, not UTF-8): kept escaped
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def untranslatable(field: str, api: str, reason: str) -> UntranslatableField:

@@ -49,6 +49,10 @@ exception is a crash: libFuzzer writes the input to ``crash-*`` and exits non-ze
   untouched when the host is not a provider's.
 * A ``model`` that is not valid Unicode (a lone surrogate escape) is 400 ``invalid_json``: it
   would become a metric label.
+* ``/messages`` to ``secondary`` (an OpenAI provider) is translated (issue 16): routed to its
+  ``/chat/completions`` with a chat body for the backend's model; a translation that refuses
+  moves the request to the route's next backend, or is the 400 naming the field when none is
+  left; the response phase feeds whatever bytes a provider sends through the translator.
 * The response phase never raises, on a 200 asks for the streamed body with the
   ``x-holysheep-provider`` header set, and ``/metrics`` still renders afterwards.
 
@@ -108,7 +112,7 @@ spec:
   maxRetries: 2
   circuitBreaker: {enabled: true, failureThreshold: 3, resetTimeout: 3600s}
   providers:
-    - {name: primary, baseUrl: "https://api.primary.invalid/v1",
+    - {name: primary, baseUrl: "https://api.primary.invalid/v1", passThrough: [Anthropic],
        auth: {type: Bearer, secretName: primary-creds, key: api-key}}
     - {name: secondary, baseUrl: "http://secondary.invalid:8443/alt/v1",
        auth: {type: XApiKey, env: HOLYSHEEP_FUZZ_SECONDARY_KEY}}
@@ -131,6 +135,11 @@ ROUTES: list[tuple[tuple[str, ...], list[tuple[str, str | None, int]]]] = [
     (("embed-small",), [("secondary", None, 0)]),
     (("claude-*", "local-?", "[ab]-model"), [("secondary", "claude-via-secondary", 0), ("primary", None, 1)]),
 ]
+# /messages requests to secondary (api OpenAI, no passThrough) are translated to chat completions
+# (issue 16); primary passes them through. A translation may refuse (a 400 naming the field): the
+# route's next backend takes the request, or, when none is left, the client gets that 400.
+TRANSLATED_BY = {"secondary"}
+TRANSLATION_REFUSALS = ("unsupported_parameter", "unsupported_endpoint", "bad_request")
 PROVIDERS = {  # name: (authority, base path, auth header, header value)
     "primary": ("api.primary.invalid", "/v1", "authorization", f"Bearer {PRIMARY_KEY}"),
     "secondary": ("secondary.invalid:8443", "/alt/v1", "x-api-key", SECONDARY_KEY),
@@ -474,16 +483,31 @@ def check_continue(case: Case, resp: pb.ProcessingResponse, want: dict[str, Any]
     route = want["route"]
     first = min(p for _, _, p in route)
     candidates = {name: rewrite for name, rewrite, prio in route if prio == first}
+    if translates(want):  # a backend whose translation refuses is skipped for the next one
+        candidates = {name: rewrite for name, rewrite, _ in route}
     provider = next((n for n, (auth, *_rest) in PROVIDERS.items() if sets.get(":authority") == auth.encode()), None)
     assert provider in candidates, f"routed to {sets.get(':authority')!r}, expected one of {sorted(candidates)}"
     assert provider is not None
     _authority, base_path, auth_header, auth_value = PROVIDERS[provider]
+    rewrite = candidates[provider]
+    if translates(want) and provider in TRANSLATED_BY:
+        # Translated: the backend's endpoint (the client's query is the client API's, not its), a
+        # chat-completions body for the backend's model, uncompressed answers.
+        assert sets.get(":path") == base_path.encode() + b"/chat/completions", sets.get(":path")
+        new = common.body_mutation.body
+        assert sets.get("content-length") == str(len(new)).encode()
+        assert sets.get("accept-encoding") == b"identity", sets
+        translated = json.loads(new)
+        assert translated["model"] == (rewrite or want["model"]) and isinstance(translated["messages"], list)
+        other = next(k for k in KEYS if k not in auth_value)
+        assert other.encode() not in resp.SerializeToString(), "another provider's key in the answer"
+        assert sets.get(auth_header) == auth_value.encode(), "the provider's credential was not injected"
+        return provider
     # The path keeps the client's query byte for byte; it arrived as latin-1-decoded text.
     assert sets.get(":path") == base_path.encode() + want["suffix"].encode("latin-1"), (sets.get(":path"), want)
     assert sets.get(auth_header) == auth_value.encode(), "the provider's credential was not injected"
     for header in CLIENT_CREDENTIAL_HEADERS:
         assert header == auth_header or header in removed, f"client {header} not removed"
-    rewrite = candidates[provider]
     if rewrite is None:
         assert not common.HasField("body_mutation"), "body rewritten for a route without a model rewrite"
         assert "content-length" not in sets
@@ -497,7 +521,12 @@ def check_continue(case: Case, resp: pb.ProcessingResponse, want: dict[str, Any]
     return provider
 
 
-def check_response_phase(case: Case, proc: RequestProcessor, provider: str) -> None:
+def translates(want: dict[str, Any]) -> bool:
+    """Whether a backend of the route translates this request (see TRANSLATED_BY)."""
+    return want["suffix"].partition("?")[0] == "/messages" and any(n in TRANSLATED_BY for n, _, _ in want["route"])
+
+
+def check_response_phase(case: Case, proc: RequestProcessor, provider: str, translated: bool) -> None:
     fdp = case.fdp
     status = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
         base_pb2.HeaderValue(key=":status", raw_value=b"200"),
@@ -507,14 +536,20 @@ def check_response_phase(case: Case, proc: RequestProcessor, provider: str) -> N
     resp = proc.response_headers(status)
     assert isinstance(resp, pb.ProcessingResponse), "a success needs no I/O: answered at once"
     assert resp.WhichOneof("response") == "response_headers", resp
-    sets, _ = mutations(resp.response_headers.response)
+    sets, removed = mutations(resp.response_headers.response)
+    if translated:  # the answer comes back in the client's API: its content type, no length
+        assert sets.pop("content-type") in (b"application/json", b"text/event-stream"), sets
+        assert removed == ["content-length"], removed
     assert sets == {PROVIDER_HEADER: provider.encode()}, sets
     assert resp.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
     chunks = fdp.ConsumeIntInRange(0, 3)
     for i in range(chunks + 1):
         piece = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048)) if i < chunks else fdp.ConsumeBytes(4096)
-        proc.after_response_body(pb.ProcessingRequest(
-            response_body=pb.HttpBody(body=piece, end_of_stream=i == chunks)))
+        chunk = pb.ProcessingRequest(response_body=pb.HttpBody(body=piece, end_of_stream=i == chunks))
+        answered = proc.response_body(chunk)  # a translated chunk: whatever a provider sends, translated
+        assert answered.WhichOneof("response") == "response_body", answered
+        assert translated or answered == pb.ProcessingResponse(response_body=pb.BodyResponse()), answered
+        proc.after_response_body(chunk)
     generate_latest(REGISTRY)  # /metrics must still render with whatever labels this case added
 
 
@@ -560,10 +595,17 @@ def drive(case: Case) -> str:
             return "down-cache-fallback"
         check_error(resp, 503, "no_provider_available")
         return "down-503"
+    if translates(want) and resp.WhichOneof("response") == "immediate_response":
+        # Every backend's translation refused the request: the first one's 400, naming the field.
+        assert all(n in TRANSLATED_BY for n, _, _ in want["route"]), "refused though a backend passes it through"
+        code = json.loads(resp.immediate_response.body)["error"]["code"]
+        assert code in TRANSLATION_REFUSALS, code
+        check_error(resp, 400, code)
+        return f"translate-400-{code}"
     provider = check_continue(case, resp, want)
     if case.fdp.ConsumeBool():
-        check_response_phase(case, proc, provider)
-    return f"continue-{provider}"
+        check_response_phase(case, proc, provider, translates(want) and provider in TRANSLATED_BY)
+    return f"continue-{provider}" + ("-translated" if translates(want) and provider in TRANSLATED_BY else "")
 
 
 def TestOneInput(data: bytes) -> None:  # the name libFuzzer harnesses use

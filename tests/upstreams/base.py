@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,8 @@ class Recorded:
     body: Any  # parsed JSON, or the raw bytes when it is not JSON
     status: int = 0
     error: str | None = None
+    usage: dict[str, Any] | None = None  # the usage the mock answered with (what accounting must count)
+    sent: list[float] = field(default_factory=list)  # when each stream event was written (time.time())
 
 
 @dataclass
@@ -51,7 +55,10 @@ class LoopbackProvider:
     requests: list[Recorded] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     port: int = 0
+    stream_gap: float = 0.0  # seconds between stream events (0: as fast as the loop goes)
     _runner: web.AppRunner | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -96,6 +103,49 @@ class LoopbackProvider:
             await self._runner.cleanup()
             self._runner = None
 
+    # --- on a thread of its own, as the e2e stack (extproc.dev.stack.Stack) runs its mocks ------
+
+    @property
+    def expect_key(self) -> str:
+        """The credential the mock requires: a key the stack's leak guard looks for everywhere else."""
+        return self.key
+
+    def start_in_thread(self) -> int:
+        """Serve on a private event loop in a daemon thread; returns the bound port."""
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name=f"upstream-{self.name}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failed:
+            raise failed[0]
+        return self.port
+
+    def stop_in_thread(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        self._loop = self._thread = None
+        self.port = 0
+
     async def _entry(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
@@ -118,8 +168,10 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 async def stream_response(request: web.Request, events: list[bytes],
-                          cut: Callable[[int], Awaitable[bytes | None]] | None = None) -> web.StreamResponse:
-    """Send SSE events one write each (so a client sees them arrive separately)."""
+                          cut: Callable[[int], Awaitable[bytes | None]] | None = None,
+                          gap: float = 0.0, sent: list[float] | None = None) -> web.StreamResponse:
+    """Send SSE events one write each (so a client sees them arrive separately), ``gap`` seconds
+    apart; ``sent`` gets the time of each write."""
     resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     for i, event in enumerate(events):
@@ -128,7 +180,11 @@ async def stream_response(request: web.Request, events: list[bytes],
             if replacement is not None:
                 await resp.write(replacement)
                 break
+        if i and gap:
+            await asyncio.sleep(gap)
         await resp.write(event)
+        if sent is not None:
+            sent.append(time.time())
         await asyncio.sleep(0)
     await resp.write_eof()
     return resp

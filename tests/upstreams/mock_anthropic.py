@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from aiohttp import web
+from anthropic._constants import ANTHROPIC_API_VERSION
 from anthropic.types.message_create_params import MessageCreateParamsBase
 
 from tests.upstreams.base import (
@@ -37,7 +38,9 @@ from tests.upstreams.base import (
     tokens,
 )
 
-VERSIONS = frozenset({"2023-06-01", "2023-01-01"})
+# The versions the API takes, and the one the installed SDK sends (a pass-through Anthropic
+# client's own header reaches the provider unchanged).
+VERSIONS = frozenset({"2023-06-01", "2023-01-01", ANTHROPIC_API_VERSION})
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 _TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -419,9 +422,8 @@ class MockAnthropic(LoopbackProvider):
             out = len(pieces(text))
         return message(model, content, tokens(prompt_text(body)), out)
 
-    async def handle(self, request: web.Request, rec: Recorded) -> web.StreamResponse:
-        if request.method != "POST" or request.path != f"{self.prefix}/messages":
-            return json_response(error_body("not_found_error", f"Not found: {request.path}"), 404)
+    def _refused(self, request: web.Request, rec: Recorded) -> web.Response | None:
+        """Anthropic's answer to a request without the key or a known anthropic-version."""
         key = request.headers.get("x-api-key")
         if key != self.key:
             rec.error = "x-api-key"
@@ -431,6 +433,20 @@ class MockAnthropic(LoopbackProvider):
             rec.error = "anthropic-version"
             what = "is required" if version is None else f"'{version}' is not a valid version"
             return json_response(error_body("invalid_request_error", f"anthropic-version: header {what}"), 400)
+        return None
+
+    async def handle(self, request: web.Request, rec: Recorded) -> web.StreamResponse:
+        if request.method == "GET" and request.path == f"{self.prefix}/models":  # what a health check asks
+            refused = self._refused(request, rec)
+            model = {"type": "model", "id": "claude-test", "display_name": "Claude Test",
+                     "created_at": "2025-01-01T00:00:00Z"}
+            return refused or json_response({"data": [model], "has_more": False, "first_id": "claude-test",
+                                             "last_id": "claude-test"})
+        if request.method != "POST" or request.path != f"{self.prefix}/messages":
+            return json_response(error_body("not_found_error", f"Not found: {request.path}"), 404)
+        refused = self._refused(request, rec)
+        if refused is not None:
+            return refused
         body = rec.body
         try:
             validate_messages_request(body)
@@ -443,6 +459,7 @@ class MockAnthropic(LoopbackProvider):
             headers = {"retry-after": "1"} if fault.status == 429 else None
             return json_response(error_body(fault.kind, fault.message), fault.status, headers)
         answer = self.answer_for(body)
+        rec.usage = answer["usage"]
         if not stream:
             return json_response(answer)
         events = stream_events(answer)
@@ -452,5 +469,5 @@ class MockAnthropic(LoopbackProvider):
             async def cut(i: int) -> bytes | None:
                 return error if i == 3 else None
 
-            return await stream_response(request, events, cut)
-        return await stream_response(request, events)
+            return await stream_response(request, events, cut, self.stream_gap, rec.sent)
+        return await stream_response(request, events, gap=self.stream_gap, sent=rec.sent)

@@ -339,6 +339,7 @@ class MockOpenAI(LoopbackProvider):
             code = "rate_limit_exceeded" if fault.status == 429 else None
             return json_response(error_body(fault.message, fault.kind, code), fault.status, headers)
         answer = self.answer_for(body)
+        rec.usage = answer["usage"]
         if not stream:
             return json_response(answer)
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
@@ -349,5 +350,5 @@ class MockOpenAI(LoopbackProvider):
             async def cut(i: int) -> bytes | None:
                 return error if i == 2 else None
 
-            return await stream_response(request, events, cut)
-        return await stream_response(request, events)
+            return await stream_response(request, events, cut, self.stream_gap, rec.sent)
+        return await stream_response(request, events, gap=self.stream_gap, sent=rec.sent)
