@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import json
 import os
@@ -101,17 +102,20 @@ class _Context:
     """What ``Process`` uses of a grpc.aio servicer context: read() parses the next message from
     its bytes (as grpc.aio's deserializer does), write() serialises the answer."""
 
-    __slots__ = ("_i", "_msgs", "_parse", "written")
+    __slots__ = ("_i", "_msgs", "_parse", "_yield", "written")
 
-    def __init__(self, msgs: list[bytes], parse: Callable[[bytes], Any]) -> None:
+    def __init__(self, msgs: list[bytes], parse: Callable[[bytes], Any], interleave: bool = False) -> None:
         self._msgs = msgs
         self._parse = parse
+        self._yield = interleave
         self._i = 0
         self.written = 0
 
     async def read(self) -> Any:
         import grpc
 
+        if self._yield:  # --concurrency: let the other streams run, as a real read would
+            await asyncio.sleep(0)
         i = self._i
         if i == len(self._msgs):
             return grpc.aio.EOF
@@ -127,10 +131,14 @@ class _Context:
 def _config_file(tmp: str) -> str:
     from bench.stack import API_KEY_ENV, CONFIG, UPSTREAMS
 
-    ports = {name: 20000 + i for i, name in enumerate([*UPSTREAMS, "sse"])}
+    # Ports nothing listens on: the scenarios never leave the process (any other placeholder,
+    # e.g. a Redis URL's port, gets one too).
+    ports: dict[str, object] = collections.defaultdict(
+        lambda: 19999, {name: 20000 + i for i, name in enumerate([*UPSTREAMS, "sse"])})
+    ports["env"] = API_KEY_ENV
     path = os.path.join(tmp, "config.yaml")
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(CONFIG.format(env=API_KEY_ENV, **ports))
+        fh.write(CONFIG.format_map(ports))
     os.environ[API_KEY_ENV] = API_KEY
     return path
 
@@ -149,6 +157,13 @@ async def _ours(tmp: str) -> tuple[Any, Callable[[], Any]]:
     if not await plane.reload():
         raise RuntimeError("bench config rejected")
     service = ExternalProcessorService(plane)
+    if os.environ.get("BENCH_CPU_GC", "settle") == "settle":
+        try:
+            from extproc import heap
+        except ImportError:  # an older tree
+            pass
+        else:
+            heap.settle()  # as DataPlane.run does once serving
 
     async def drain() -> None:  # the cache stores spawned off the hot path
         while plane._tasks:
@@ -179,7 +194,7 @@ def _handshake(gate: str | None, say: str) -> None:
 
 
 async def _drive(target: str, scenario: str, warmup: int, requests: int, chunks: int, workload: bool,
-                 profile: str | None, gate: str | None = None) -> dict[str, Any]:
+                 profile: str | None, gate: str | None = None, concurrency: int = 1) -> dict[str, Any]:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     tmp = tempfile.mkdtemp(prefix="bench-cpu-")
@@ -189,14 +204,20 @@ async def _drive(target: str, scenario: str, warmup: int, requests: int, chunks:
         parse = pb.ProcessingRequest.FromString
         written = 0
 
-        async def run(n: int) -> None:
+        async def stream_after_stream(n: int) -> None:
             nonlocal written
             for _ in range(n):
-                ctx = _Context(msgs, parse)
+                ctx = _Context(msgs, parse, interleave=concurrency > 1)
                 await service.Process(None, ctx)
                 written += ctx.written
                 await asyncio.sleep(0)  # callbacks scheduled by the request (after_response_body)
+
+        async def run(n: int) -> None:
+            # `concurrency` streams at a time, their messages interleaved (like N connections)
+            share = [n // concurrency + (1 if i < n % concurrency else 0) for i in range(concurrency)]
+            await asyncio.gather(*(stream_after_stream(k) for k in share))
             await drain()
+            await asyncio.sleep(0.02)  # timers (a metrics flush) due by now
 
         if scenario == "hit":  # warm the cache as bench.run's sanity request does
             await _drive_fallback_like(service, msgs, parse)
@@ -280,7 +301,7 @@ async def _serve_grpc(target: str, tmp: str, port_file: str, warmup: int, total_
         await done.wait()
     await drain()
     cpu = _cpu_now() - started[0]
-    if prof is not None:
+    if prof is not None and profile:
         prof.disable()
         prof.dump_stats(profile)
     _handshake(gate, "off")
@@ -324,6 +345,8 @@ def _child_cmd(args: argparse.Namespace, target: str, requests: int, extra: list
            "--warmup", str(args.warmup), "--requests", str(requests), "--chunks", str(args.chunks)]
     if args.workload:
         cmd.append("--workload")
+    if args.concurrency > 1:
+        cmd += ["--concurrency", str(args.concurrency)]
     if not args.multiprocess:
         cmd.append("--no-multiprocess")
     return cmd + (extra or [])
@@ -397,7 +420,7 @@ def _child(args: argparse.Namespace) -> int:
         print(json.dumps({"target": args.child, "requests": args.requests, "cpu_s": cpu}))
         return 0
     result = asyncio.run(_drive(args.child, args.scenario, args.warmup, args.requests, args.chunks, args.workload,
-                                args.profile_out, args.gate))
+                                args.profile_out, args.gate, args.concurrency))
     print(json.dumps(result))
     return 0
 
@@ -408,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=0, help="measured requests (default: 2000, 300 with --callgrind)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--chunks", type=int, default=8, help="SSE chunks for --scenario stream")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="in process: streams in flight at once, their messages interleaved (like N connections)")
     p.add_argument("--workload", action="store_true", help="node metadata names the calling workload (a mesh)")
     p.add_argument("--no-multiprocess", dest="multiprocess", action="store_false",
                    help="prometheus-client in single-process mode (like --workers 1)")
@@ -450,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                     samples[target].append(result.get("cpu_s", 0.0) / args.requests * 1e6)
             per_request = {t: sorted(v)[len(v) // 2] for t, v in samples.items()}
             unit = "CPU us" + (" (server, incl. gRPC)" if args.grpc else "")
-        report = {"scenario": args.scenario, "unit": unit + " per request", "per_request": per_request,
+        report = {"scenario": args.scenario, "concurrency": args.concurrency, "unit": unit + " per request",
+                  "per_request": per_request,
                   "grpc": args.grpc, "multiprocess": args.multiprocess, "workload": args.workload}
         if "ours" in per_request and "floor" in per_request:
             report["ours_minus_floor"] = per_request["ours"] - per_request["floor"]
@@ -459,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report))
         else:
             where = "real gRPC" if args.grpc else "in process, gRPC excluded"
-            print(f"scenario {args.scenario} ({where}), {args.requests} requests after {args.warmup} warm-up")
+            print(f"scenario {args.scenario} ({where}, {args.concurrency} stream(s) at a time), "
+                  f"{args.requests} requests after {args.warmup} warm-up")
             for t, v in per_request.items():
                 print(f"  {t:6s} {v:12.0f} {report['unit']}")
             if "ratio" in report:

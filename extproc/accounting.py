@@ -130,7 +130,10 @@ class Ledger:
         if usage is not None:
             self._record_usage(attempt, usage)
         if whole and complete and self.cache.enabled and body and status < 300:
-            self.spawn(self.cache.put(self.key, CachedResponse(status, content_type, body)))
+            # Memory now (no task); a Redis write, if any, off the hot path.
+            redis_write = self.cache.store(self.key, CachedResponse(status, content_type, body))
+            if redis_write is not None:
+                self.spawn(redis_write)
 
     def _record_usage(self, attempt: Attempt, usage: Usage) -> None:
         # Where the answer's usage is first known: a budget would be charged here.

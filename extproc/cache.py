@@ -15,6 +15,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,15 +158,24 @@ class ResponseCache:
         return value
 
     async def put(self, key: str, value: CachedResponse) -> None:
+        redis_write = self.store(key, value)
+        if redis_write is not None:
+            await redis_write
+
+    def store(self, key: str, value: CachedResponse) -> Coroutine[Any, Any, None] | None:
+        """Store `value` in memory now; the Redis write, when Redis is in use, is the returned
+        coroutine (for the caller to spawn). Without Redis a store costs no task."""
         if len(value.body) > self.spec.max_entry_bytes:
-            return
+            return None
         self.memory.put(key, value, self.spec.ttl)
         metrics.CACHE_EVENTS.labels("store").inc()
-        if self._redis_usable():
-            try:
-                await self._redis.set(key, value.encode(), px=int(self.spec.ttl * 1000))
-            except Exception as exc:
-                self._redis_failed("set", exc)
+        return self._redis_set(key, value) if self._redis_usable() else None
+
+    async def _redis_set(self, key: str, value: CachedResponse) -> None:
+        try:
+            await self._redis.set(key, value.encode(), px=int(self.spec.ttl * 1000))
+        except Exception as exc:
+            self._redis_failed("set", exc)
 
     async def close(self) -> None:
         self.memory.close()  # a retired config's answers are no longer served

@@ -26,10 +26,12 @@ disable_created_metrics()  # *_created series double the scrape size and no pane
 # and packs into an mmap, behind labels()'s tuple building and validation: ~3 us a write, a sixth
 # of the processor's own CPU. The Batched* metrics below keep their children memoised and add
 # to plain Python dicts instead; ``flush`` writes the sums (one write per series however many
-# requests touched it) from a callback scheduled on the running loop, so a count reaches the
-# files one loop iteration after the request made it: before Envoy has even forwarded the
-# answer, and never lost. Without a running loop (a sync caller, a test) it is written at once;
-# at exit, on drain and before every /metrics render, flush() runs too.
+# requests touched it). It runs when no stream is left in flight (service.py), else from a timer
+# FLUSH_DELAY after the first pending count, so under load one write serves many requests and a
+# count is never more than FLUSH_DELAY late, nor lost. Without a running loop (a sync caller, a
+# test) it is written at once; at exit, on drain and before every render, flush() runs too.
+
+FLUSH_DELAY = 0.005
 
 _pending: dict[Any, float] = {}  # prometheus-client value object -> amount to add
 _settings: dict[Any, float] = {}  # value object -> value to set (gauges)
@@ -37,12 +39,16 @@ _settings: dict[Any, float] = {}  # value object -> value to set (gauges)
 # _get_running_loop() returns without a loop, and such a caller must write at once).
 _UNSCHEDULED: Any = object()
 _flush_on: Any = _UNSCHEDULED
+_timer: Any = None
 
 
 def flush() -> None:
     """Write every pending count now (idempotent; the loop callback, drain, render and exit)."""
-    global _flush_on
+    global _flush_on, _timer
     _flush_on = _UNSCHEDULED
+    if _timer is not None:
+        _timer.cancel()
+        _timer = None
     pending, settings = _pending, _settings
     while pending:
         value, amount = pending.popitem()
@@ -55,12 +61,12 @@ def flush() -> None:
 def _schedule(loop: AbstractEventLoop | None) -> None:
     """Called when `loop` (the running one, or None) is not the one a flush is scheduled on:
     none is scheduled, or it was on a loop that has stopped since."""
-    global _flush_on
+    global _flush_on, _timer
     if loop is None:
         flush()  # no loop in this thread: nothing would run a callback
         return
     _flush_on = loop
-    loop.call_soon(flush)
+    _timer = loop.call_later(FLUSH_DELAY, flush)
 
 
 atexit.register(flush)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
-from extproc import metrics
+from extproc import heap, metrics
 from extproc.credentials import DEFAULT_SECRETS_DIR, CredentialStore
 from extproc.health import HealthChecker
 from extproc.runtime import Runtime
@@ -131,6 +131,7 @@ class DataPlane:
         await site.start()
         self.serving = True
         self._update_ready()
+        heap.settle()  # the start-up heap is never scanned again (extproc/heap.py)
         log.info("serving ext_proc on %s (port %d), admin on %s:%d",
                  self.options.grpc_address, port, self.options.http_host, self.options.http_port)
         watcher = asyncio.get_running_loop().create_task(self._watch_config())

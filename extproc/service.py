@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
+from extproc import metrics
 from extproc.errors import InternalError
 from extproc.identity import caller_from_node_metadata
 from extproc.processor import Answer, Processor, RequestProcessor
@@ -66,6 +67,7 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+                metrics.flush()  # no other stream to share a write with: this one's counts now
 
 
 def _answer(proc: Processor, phase: str | None, req: m.ProcessingRequest) -> Answer:
