@@ -8,11 +8,11 @@ received and every circuit-breaker transition (logged by each ext_proc with its 
 time) is kept, and the report is computed from those afterwards.
 
 Attribution: each ext_proc process gets its own primary key (same env var name, different
-value), so the primary's recorded credential says which ext_proc routed a request there. A
-request "reached an open circuit" when the ext_proc that routed it had the primary's circuit
-OPEN (or the primary marked unhealthy by the active health check) continuously from `grace`
-seconds before its arrival until its arrival; the grace covers requests decided just before the
-circuit opened that arrive a moment later.
+value), so the primary's recorded credential says which ext_proc routed a request there.
+Whether a request "reached an open circuit" is judged from the primary's own request log and the
+client's send/answer times alone, by replaying the breaker's documented semantics
+(bench/chaos_oracle.py): the only requests excused are those sent before the circuit certainly
+opened and the half-open trials. The ext_procs' logged transitions serve only the time-to-detect.
 
 ``--soak SECONDS``: the same stack, steady load, no fault; ext_proc RSS, open fds and cache size
 are sampled every few seconds.
@@ -45,6 +45,7 @@ from bench.chaos_observe import (
     process_tree_usage,
     until,
 )
+from bench.chaos_oracle import Arrival, judge
 from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER
 from extproc.dev.mock_provider import MockProvider
 from extproc.dev.processes import MockProviderProcess, RedisServer
@@ -93,7 +94,6 @@ class ChaosSettings:
     health_interval: float = 1.0
     max_entries: int = 200  # memory tier bound, below distinct_prompts so eviction is exercised
     distinct_prompts: int = 500
-    grace: float = 0.25
     poll_interval: float = 0.2
     wait_timeout: float = 15.0  # bound on every detect/recover wait
     request_timeout: float = 15.0
@@ -481,6 +481,16 @@ class ChaosRun:
         primary_reqs = sorted((r for r in rig.primary.records.values()
                                if not r.path.endswith("/models") and r.time >= t_run), key=lambda r: r.time)
         unknown_cred = sum(1 for r in primary_reqs if r.credential not in keys)
+        by_id = {str(r.seq): r for r in results}
+        judgements = []
+        for i in range(len(timelines)):
+            arrivals = []
+            for r in primary_reqs:
+                if r.credential == _key(i):
+                    client = by_id.get(r.chaos_id or "")
+                    arrivals.append(Arrival(r.time, r.status, client.t_send if client else float("inf"),
+                                            client.t_done if client else float("inf"), r.chaos_id))
+            judgements.append(judge(arrivals, s.failure_threshold, s.reset_timeout, s.timeout, self.resets[i]))
         rows: list[dict[str, Any]] = []
         for idx, ph in enumerate(self.phases):
             t_next = self.phases[idx + 1].t_start if idx + 1 < len(self.phases) else float("inf")
@@ -488,8 +498,9 @@ class ChaosRun:
             # (requests in flight on an ext_proc that is killed were sent before the kill).
             in_phase = [r for r in results if ph.t_start <= r.t_done < t_next]
             at_primary = [r for r in primary_reqs if ph.t_start <= r.time < t_next]
-            to_open = [r for r in at_primary if r.credential in keys
-                       and timelines[keys[r.credential]].unavailable_throughout(r.time - s.grace, r.time)]
+            to_open, in_flight, trials = ([(i, a) for i, j in enumerate(judgements) for a in getattr(j, kind)
+                                           if ph.t_start <= a.time < t_next]
+                                          for kind in ("to_open", "in_flight", "trials"))
             if ph.name.startswith("primary-") and ph.name != "primary-recover":
                 # Detected when every ext_proc has opened the circuit (or failed the health
                 # check) anew since the fault began; an ext_proc that kept it open throughout
@@ -522,9 +533,12 @@ class ChaosRun:
                 **summary,
                 "primary_requests": len(at_primary),
                 "primary_requests_while_open": len(to_open),
-                "while_open_detail": [{"t": round(r.time - t_run, 4), "ep": keys[r.credential or ""],
-                                       "chaos_id": r.chaos_id, "status": r.status}
-                                      for r in to_open[:20]],
+                "primary_in_flight_at_opening": len(in_flight),
+                "primary_half_open_trials": len(trials),
+                "circuit_openings_seen": sum(1 for j in judgements for t in j.opened_at if ph.t_start <= t < t_next),
+                "while_open_detail": [{"t": round(a.time - t_run, 4), "ep": i, "chaos_id": a.chaos_id,
+                                       "status": a.status, "sent": round(a.t_send - t_run, 4)}
+                                      for i, a in to_open[:20]],
                 "failure_detail": [{"seq": r.seq, "t_send": round(r.t_send - t_run, 4), "error": r.error,
                                     "status": r.status, "latency_ms": round(r.latency_ms, 1)}
                                    for r in in_phase if r.failed][:20],

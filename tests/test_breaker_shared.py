@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from extproc.breaker import CircuitBreaker, State
+from extproc.dev.processes import wait_until
 from extproc.shared_state import STATE_DIR_ENV, breaker_slot
 from protos.spec import CircuitBreakerSpec
 
@@ -43,6 +44,7 @@ def _worker(provider: str = "primary") -> CircuitBreaker:
 def test_a_circuit_opened_by_one_worker_is_open_in_every_worker(state_dir: Path) -> None:
     here = _worker()
     assert here.available() and here.state is State.CLOSED
+    before_opening = time.monotonic()
     subprocess.run([sys.executable, "-c", OPEN_IN_OTHER_WORKER], check=True, env={STATE_DIR_ENV: str(state_dir)},
                    cwd=Path(__file__).resolve().parents[1], timeout=60)
     # This worker saw no failure at all, and still sends nothing to the provider.
@@ -51,8 +53,9 @@ def test_a_circuit_opened_by_one_worker_is_open_in_every_worker(state_dir: Path)
     assert _worker().state is State.OPEN  # a breaker made after a config reload, too
     assert _worker("secondary").available()  # per provider
 
-    time.sleep(SPEC.reset_timeout + 0.05)
-    assert here.state is State.HALF_OPEN
+    wait_until(lambda: here.state is State.HALF_OPEN, timeout=10 * SPEC.reset_timeout, interval=0.01,
+               what="resetTimeout elapsed")
+    assert time.monotonic() - before_opening >= SPEC.reset_timeout  # not before resetTimeout
     assert here.acquire() and not here.acquire()  # this worker's single trial
     here.record_success()
     assert here.state is State.CLOSED
@@ -64,7 +67,7 @@ def test_a_failed_trial_reopens_for_every_worker(state_dir: Path) -> None:
     for _ in range(SPEC.failure_threshold):
         first.record_failure()
     assert second.state is State.OPEN
-    time.sleep(SPEC.reset_timeout + 0.05)
+    wait_until(second.available, timeout=10 * SPEC.reset_timeout, interval=0.01, what="resetTimeout elapsed")
     assert second.acquire()
     second.record_failure()  # the trial failed: open again, from now
     assert first.state is State.OPEN and not first.available()

@@ -488,7 +488,15 @@ def test_only_the_leader_writes_and_a_follower_takes_over(kapi: Running, user: K
     second = managers("second")
     cr(user, "render_seed.yaml")
     ready(user, "holysheep-system", "production-cluster")
-    time.sleep(0.5)  # give the follower every chance to (wrongly) act
+    # Give the follower every chance to (wrongly) act: it has seen the CR (its watch is up) and
+    # tried for the lease three more times since the leader finished.
+    seen = len(list(api._requests))
+
+    def follower_tried(times: int) -> bool:
+        return sum(1 for r in list(api._requests)[seen:] if r.resource and r.resource.plural == "leases"
+                   and r.headers.get("User-Agent", "").startswith("holysheep-mesh/second")) >= times
+
+    wait_for(lambda: follower_tried(3), what="the follower trying for the lease")
     assert api.writes("holysheep-mesh/first")
     assert api.writes("holysheep-mesh/second") == []
     assert not second.elector.is_leader()

@@ -14,7 +14,9 @@ import pytest
 
 from extproc.dev.mock_provider import MockProvider
 from extproc.dev.processes import RedisServer, wait_until
+from tests import metrics_text as m
 from tests.harness import Stack, running
+from tests.upstreams.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -84,16 +86,22 @@ def test_fallback_served_from_redis_after_ext_proc_restart(stack: Stack, redis: 
     assert all(k.encode() not in stored for k in KEYS.values())
 
 
+def _cache_errors(stack: Stack) -> float:
+    return m.value(stack.extproc.metrics(), "holysheep_cache_events_total", event="error")
+
+
 def test_redis_killed_mid_traffic_loses_no_request(stack: Stack, redis: RedisServer) -> None:
+    import redis as redis_client
+
     failures: list[str] = []
     sent = 0
     stop = threading.Event()
 
     def load() -> None:
         nonlocal sent
-        deadline = time.monotonic() + 6
+        deadline = time.monotonic() + 30
         i = 0
-        while not stop.is_set() and time.monotonic() < deadline and i < 2000:
+        while not stop.is_set() and time.monotonic() < deadline and i < 3000:
             resp = stack.chat("m2", content=f"q{i % 20}")
             sent += 1
             if resp.status_code != 200:
@@ -102,19 +110,78 @@ def test_redis_killed_mid_traffic_loses_no_request(stack: Stack, redis: RedisSer
 
     worker = threading.Thread(target=load)
     worker.start()
-    time.sleep(1.0)
-    redis.kill()
-    time.sleep(1.5)
-    # With every provider down and Redis dead, the memory tier still answers what it saw.
-    _all_down(stack, "500")
-    time.sleep(1.0)
-    _all_down(stack, "ok")
-    redis.start()
-    worker.join(15)
-    stop.set()
-    assert sent > 50
+    try:
+        wait_until(lambda: sent >= 40, timeout=15, what="every prompt answered twice")  # all 20 in memory
+        errors = _cache_errors(stack)
+        redis.kill()
+        wait_until(lambda: _cache_errors(stack) > errors, timeout=10, what="the ext_proc sees Redis gone")
+        # With every provider down and Redis dead, the memory tier still answers what it saw.
+        _all_down(stack, "500")
+        at_down = sent
+        wait_until(lambda: sent >= at_down + 40, timeout=15, what="requests served with everything down")
+        _all_down(stack, "ok")
+        redis.start()
+        r = redis_client.Redis.from_url(redis.url)
+        wait_until(lambda: r.dbsize() > 0, timeout=10, what="answers stored in the restarted Redis")
+    finally:
+        stop.set()
+        worker.join(30)
+        _all_down(stack, "ok")
     assert failures == [], failures[:5]
-    assert 'holysheep_cache_events_total{event="error"}' in stack.extproc.metrics()
+
+
+def test_a_redis_error_switches_redis_off_for_two_seconds(redis: RedisServer) -> None:
+    """After a Redis error the memory tier answers and Redis is not contacted for 2 s; then it is.
+
+    The oracle is a TCP proxy in front of Redis that logs every connection and every byte the
+    ext_proc sends (tests/upstreams/tcp_proxy.py), i.e. Redis's side of the wire.
+    """
+    backoff = 2.0  # ResponseCache.REDIS_BACKOFF, as the README states it
+    proxy = TcpProxy(redis.port).start()
+    try:
+        stack = _stack(redis, "Fallback")
+        stack.template = stack.template.replace(redis.url, proxy.url)
+        with running(stack) as s:
+            warm = s.chat("bk", content="warm")
+            assert warm.status_code == 200
+            wait_until(lambda: any(b"SET" in c.data for c in proxy.contacts), timeout=10, what="stored in redis")
+            errors = _cache_errors(s)
+            proxy.refuse()  # the pooled connections are closed now, new ones are refused
+            t_refused = time.time()
+            assert s.chat("bk", content="this store fails").status_code == 200  # its Redis SET fails
+            wait_until(lambda: _cache_errors(s) > errors, timeout=10, what="the failed SET counted")
+            # The ext_proc's error, and so its back-off, began after this (after any reconnect
+            # attempt the proxy refused, too).
+            t_error = max([t_refused] + [c.time for c in proxy.contacts if c.kind == "refused"])
+            proxy.allow()
+            t_allowed = time.time()
+            # Within the back-off: stores, a fallback from memory and a miss, none touching Redis.
+            assert s.chat("bk", content="stored in memory only").status_code == 200
+            _all_down(s, "500")
+            try:
+                hit = s.chat("bk", content="warm")
+                assert hit.status_code == 200 and hit.headers["x-holysheep-cache"] == "fallback"
+                assert hit.json() == warm.json()
+                assert s.chat("bk", content="never seen").status_code == 503  # memory miss, Redis skipped
+            finally:
+                _all_down(s, "ok")
+            # Stores all through the window: any back-off shorter than 2 s would let one through.
+            n = 0
+            while time.time() < t_error + backoff - 0.1 and n < 200:
+                assert s.chat("bk", content=f"inside the back-off {n}").status_code == 200
+                n += 1
+                time.sleep(0.02)
+            t_checked = time.time()
+            inside = [c for c in proxy.since(t_allowed) if c.time < t_error + backoff]
+            assert inside == [], f"Redis contacted {inside[0].time - t_error:.3f}s after its error"
+            # After the back-off, the next store reaches Redis again.
+            time.sleep(max(0.0, t_error + backoff + 0.05 - time.time()))  # the claim is about time itself
+            assert s.chat("bk", content="after the back-off").status_code == 200
+            wait_until(lambda: any(b"SET" in c.data for c in proxy.since(t_checked)), timeout=10,
+                       what="Redis contacted again after the back-off")
+            assert min(c.time for c in proxy.since(t_allowed)) >= t_error + backoff
+    finally:
+        proxy.stop()
 
 
 def test_always_mode_serves_hits_before_any_provider(redis: RedisServer) -> None:
@@ -183,7 +250,8 @@ def test_sigterm_drains_streams_in_flight(stack: Stack) -> None:
     try:
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.4)
+        wait_until(lambda: one.last_request is not None and one.last_request.stream
+                   and len(one.last_request.chunk_times) >= 1, timeout=10, what="the stream under way")
         proc = stack.extproc.proc
         assert proc is not None
         import os

