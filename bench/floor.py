@@ -3,7 +3,11 @@
 (including the STREAMED response body via mode_override), so it costs the gRPC round trips
 and nothing else.
 
-    python -m bench.floor --address 127.0.0.1:PORT [--workers N]
+    python -m bench.floor --address 127.0.0.1:PORT [--workers N] [--tls-cert F --tls-key F --client-ca F]
+
+With the TLS flags it serves mTLS requiring a client certificate, as ``holysheep-mesh extproc``
+does with the same flags, so the floor pays the same transport as the data plane it is the
+floor of (the dev stack's Envoy calls its ext_proc over mTLS).
 """
 
 from __future__ import annotations
@@ -65,13 +69,14 @@ class SyncFloor(pbg.ExternalProcessorServicer):
             yield _BY_PHASE[req.WhichOneof("request")]
 
 
-def serve_sync(address: str) -> None:
+def serve_sync(address: str, tls: tuple[str, str, str] | None = None) -> None:
     # Thread-per-stream grpcio server, to compare against grpc.aio on the same workload.
     from concurrent.futures import ThreadPoolExecutor
 
     server = grpc.server(ThreadPoolExecutor(max_workers=256), options=[("grpc.so_reuseport", 1)])
     pbg.add_ExternalProcessorServicer_to_server(SyncFloor(), server)
-    if not server.add_insecure_port(address):
+    port = server.add_secure_port(address, _credentials(*tls)) if tls else server.add_insecure_port(address)
+    if not port:
         raise RuntimeError(f"cannot listen on {address}")
     server.start()
     done = threading.Event()
@@ -81,10 +86,20 @@ def serve_sync(address: str) -> None:
     server.stop(0.5)
 
 
-async def serve(address: str) -> None:
+def _credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return grpc.ssl_server_credentials([(read(key), read(cert))], root_certificates=read(client_ca),
+                                       require_client_auth=True)
+
+
+async def serve(address: str, tls: tuple[str, str, str] | None = None) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     pbg.add_ExternalProcessorServicer_to_server(Floor(), server)
-    if not server.add_insecure_port(address):
+    port = server.add_secure_port(address, _credentials(*tls)) if tls else server.add_insecure_port(address)
+    if not port:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
     stop = asyncio.Event()
@@ -99,11 +114,19 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor")
     p.add_argument("--address", required=True)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tls-cert", help="serve mTLS: the server certificate chain (PEM)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument("--client-ca", help="CA bundle a client certificate must chain to (PEM)")
     args = p.parse_args()
+    given = [args.tls_cert, args.tls_key, args.client_ca]
+    if any(given) and not all(given):
+        p.error("--tls-cert, --tls-key and --client-ca go together")
+    tls = (args.tls_cert, args.tls_key, args.client_ca) if all(given) else None
+    tls_args = ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key, "--client-ca", args.client_ca] if tls else []
     if args.workers > 1 and not os.environ.get("BENCH_FLOOR_WORKER"):
         env = {**os.environ, "BENCH_FLOOR_WORKER": "1"}
         procs = [
-            subprocess.Popen([sys.executable, "-m", "bench.floor", "--address", args.address], env=env)
+            subprocess.Popen([sys.executable, "-m", "bench.floor", "--address", args.address, *tls_args], env=env)
             for _ in range(args.workers)
         ]
 
@@ -118,13 +141,13 @@ def main() -> int:
             proc.wait()
         return 0
     if os.environ.get("BENCH_FLOOR_IMPL") == "sync":
-        serve_sync(args.address)
+        serve_sync(args.address, tls)
     elif os.environ.get("BENCH_FLOOR_IMPL") == "uvloop":
         import uvloop  # type: ignore[import-not-found]
 
-        uvloop.run(serve(args.address))
+        uvloop.run(serve(args.address, tls))
     else:
-        asyncio.run(serve(args.address))
+        asyncio.run(serve(args.address, tls))
     return 0
 
 

@@ -287,11 +287,19 @@ class Stack:
             bootstrap_hook=lambda boot: add_floor(boot, p),
         )
         p.update(front=self.front.port, front_admin=self.front.admin_port)
+        floor_tls: list[str] = []
+        if hasattr(self.front, "pki") and not getattr(self.front, "insecure", True):
+            # Envoy calls the ext_proc over mTLS, and the floor's cluster is a copy of its cluster:
+            # the floor serves the ext_proc's own files, so both pay the same transport.
+            from extproc.dev.mtls import DevPKI, parse_workload
+
+            self.front.pki = DevPKI(work / "pki", parse_workload(self.front.workload or "bench/default"))
+            floor_tls = self.front.pki.extproc_args()
         self.helpers = {
             "sse": Process([sys.executable, "-m", "bench.sse_server", "--port", str(p["sse"]), "--chunks",
                             str(self.sse_chunks), "--gap-ms", str(self.sse_gap_ms)], work / "sse.log", cwd=REPO),
             "floor": Process([sys.executable, "-m", "bench.floor", "--address", f"127.0.0.1:{p['floor_grpc']}",
-                              "--workers", str(self.workers)], work / "floor.log", cwd=REPO),
+                              "--workers", str(self.workers), *floor_tls], work / "floor.log", cwd=REPO),
         }
         try:
             self.upstream = Envoy(upstream_bootstrap(p, p["upstream_admin"]), work, None, p["upstream_admin"],
