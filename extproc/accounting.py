@@ -32,7 +32,7 @@ def count_answer(attempt: Attempt, status: int, caller: Caller) -> None:
     """A provider answered (successfully, or with a client error)."""
     metrics.REQUESTS.labels(attempt.provider.name, attempt.label, str(status)).inc()
     if caller.workload:
-        metrics.WORKLOAD_REQUESTS.labels(caller.namespace, caller.workload).inc()
+        metrics.WORKLOAD_REQUESTS.labels(*caller.labels).inc()
 
 
 def count_failure(attempt: Attempt, status: int) -> None:
@@ -145,8 +145,8 @@ class Ledger:
             metrics.COST.labels(name, model).inc(cost)
         caller = self.caller
         if caller.workload:
-            ns, wl = caller.namespace, caller.workload
-            metrics.WORKLOAD_TOKENS.labels(ns, wl, model, "input").inc(usage.input_tokens)
-            metrics.WORKLOAD_TOKENS.labels(ns, wl, model, "output").inc(usage.output_tokens)
+            who = caller.labels
+            metrics.WORKLOAD_TOKENS.labels(*who, model, "input").inc(usage.input_tokens)
+            metrics.WORKLOAD_TOKENS.labels(*who, model, "output").inc(usage.output_tokens)
             if cost:
-                metrics.WORKLOAD_COST.labels(ns, wl, model).inc(cost)
+                metrics.WORKLOAD_COST.labels(*who, model).inc(cost)

@@ -3,23 +3,26 @@
 A caller gets a config (its credentials, routes, cache and per-workload accounting) only when
 its namespace is the config's namespace, or for any namespace when the config lives in Istio's
 root namespace, and, when the config lists ``spec.serviceAccounts``, its service account
-matches one entry.
+matches one entry. The entries' match forms are Istio's AuthorizationPolicy ones
+(protos/scope.py), so the policy the controller generates for the ext_proc port and this check
+never disagree.
 
-Entries use exactly the match forms of Istio's AuthorizationPolicy (exact ``name``, prefix
-``name*``, suffix ``*name``, presence ``*``), so the AuthorizationPolicy the controller
-generates for port 9002 can express the same scope and the two checks never disagree.
-
-Pure functions over (identity, config namespace, patterns, root namespace). The pattern rules
-are meant for the contract too (protos/spec.py validates spec.serviceAccounts with
-``service_account_pattern_problem``; the controller maps the same forms to principals).
+Pure functions over (identity, config namespace, patterns, root namespace), plus ``Denied``,
+the exception that ends a stream with PERMISSION_DENIED (extproc/service.py).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from extproc.spiffe import WorkloadIdentity
+from protos.scope import service_account_matches, service_account_pattern_problem
+from protos.spec import HolySheepConfig
+
+__all__ = [
+    "DEFAULT_ROOT_NAMESPACE", "OUT_OF_NAMESPACE", "SERVICE_ACCOUNT_NOT_LISTED", "Denied", "config_denial", "denial",
+    "in_scope", "scope_denial", "service_account_matches", "service_account_pattern_problem",
+]
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
@@ -27,31 +30,14 @@ DEFAULT_ROOT_NAMESPACE = "istio-system"
 OUT_OF_NAMESPACE = "namespace"
 SERVICE_ACCOUNT_NOT_LISTED = "service_account"
 
-# What a pattern may contain around its one optional '*': a service account name (DNS-1123
-# subdomain characters); the name rules themselves apply to what is matched, not to a fragment.
-_FRAGMENT = re.compile(r"[a-z0-9.-]{1,253}")
 
+class Denied(Exception):
+    """The caller may not use what it asked for. ``reason``: a fixed word (a metric label);
+    the message names the identity and the config, never a credential."""
 
-def service_account_pattern_problem(pattern: str) -> str | None:
-    """Why a ``spec.serviceAccounts`` entry is unusable, or None. For the config parser."""
-    if pattern == "*":
-        return None
-    core = pattern[1:] if pattern.startswith("*") else pattern[:-1] if pattern.endswith("*") else pattern
-    if "*" in core:
-        return "'*' only as the whole entry, its first or its last character (as in Istio's AuthorizationPolicy)"
-    if not _FRAGMENT.fullmatch(core):
-        return "a service account name: lowercase letters, digits, '-' and '.'"
-    return None
-
-
-def service_account_matches(pattern: str, name: str) -> bool:
-    if pattern == "*":
-        return bool(name)
-    if pattern.endswith("*"):
-        return name.startswith(pattern[:-1])
-    if pattern.startswith("*"):
-        return name.endswith(pattern[1:])
-    return name == pattern
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def denial(identity: WorkloadIdentity, config_namespace: str, service_accounts: Sequence[str] = (),
@@ -67,3 +53,30 @@ def denial(identity: WorkloadIdentity, config_namespace: str, service_accounts: 
 def in_scope(identity: WorkloadIdentity, config_namespace: str, service_accounts: Sequence[str] = (),
              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> bool:
     return denial(identity, config_namespace, service_accounts, root_namespace) is None
+
+
+def config_denial(identity: WorkloadIdentity, config: HolySheepConfig,
+                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> str | None:
+    """``denial`` for a parsed config (its ``metadata.namespace`` and ``spec.serviceAccounts``)."""
+    return denial(identity, config.namespace, config.service_accounts, root_namespace)
+
+
+def scope_denial(identity: WorkloadIdentity, configs: Iterable[HolySheepConfig],
+                 root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> str | None:
+    """None when at least one of ``configs`` is in the caller's scope, else why none is: a
+    service account miss when some config is in its namespace, a namespace miss otherwise
+    (also for no config at all)."""
+    reason = OUT_OF_NAMESPACE
+    for config in configs:
+        found = config_denial(identity, config, root_namespace)
+        if found is None:
+            return None
+        if found == SERVICE_ACCOUNT_NOT_LISTED:
+            reason = found
+    return reason
+
+
+def describe(config: HolySheepConfig) -> str:
+    """How a log line names a config's scope."""
+    accounts = f", service accounts {', '.join(config.service_accounts)}" if config.service_accounts else ""
+    return f"HolySheepConfig {config.namespace}/{config.name} (namespace {config.namespace}{accounts})"

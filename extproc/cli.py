@@ -35,7 +35,63 @@ def _add_extproc(sub: Any) -> None:
     p.add_argument("--drain-seconds", type=float, default=20.0,
                    help="then: how long the streams in flight may take to finish before they are cancelled")
     p.add_argument("--log-level", default=os.environ.get("HOLYSHEEP_LOG_LEVEL", "INFO"))
+    sec = p.add_argument_group(
+        "caller identity (README, Security)",
+        "Where each stream's caller identity comes from. With none of these every stream is refused.")
+    sec.add_argument("--tls-cert", metavar="FILE", help="serve gRPC over mTLS: the server certificate chain (PEM)")
+    sec.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    sec.add_argument("--client-ca", metavar="FILE",
+                     help="CA bundle client certificates must chain to; the caller is their SPIFFE URI SAN. "
+                          "The three files are re-read when they change")
+    sec.add_argument("--identity-from", choices=[IDENTITY_XFCC], default=None,
+                     help="xfcc: behind this pod's own Istio sidecar, the caller is the peer certificate the "
+                          "sidecar verified (x-forwarded-client-cert); needs the install's SANITIZE_SET annotation "
+                          "and STRICT mTLS on the port")
+    sec.add_argument("--trust-domain", action="append", default=[], metavar="DOMAIN",
+                     help="accept SPIFFE IDs of this trust domain only (repeatable; default: any)")
+    sec.add_argument("--root-namespace", default="istio-system",
+                     help="Istio's root namespace: a HolySheepConfig there serves every namespace")
+    sec.add_argument("--insecure-no-identity", action="store_true",
+                     help="DEVELOPMENT ONLY: serve unauthenticated callers; anyone reaching the port gets credentials")
     p.set_defaults(func=extproc_main)
+
+
+IDENTITY_XFCC = "xfcc"
+
+
+def identity_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerOptions fields of the caller-identity flags; SystemExit(2) on a bad combination."""
+    from extproc.identity import IdentityFrom
+    from extproc.tls import TLSConfigError, TLSFiles, load
+
+    given = [f for f in (args.tls_cert, args.tls_key, args.client_ca) if f]
+    if given and len(given) != 3:
+        _usage_error("--tls-cert, --tls-key and --client-ca go together")
+    modes = [name for name, on in (("--tls-cert", bool(given)), ("--identity-from xfcc", bool(args.identity_from)),
+                                   ("--insecure-no-identity", args.insecure_no_identity)) if on]
+    if len(modes) > 1:
+        _usage_error(f"{' and '.join(modes)} exclude each other")
+    tls = None
+    if given:
+        tls = TLSFiles(args.tls_cert, args.tls_key, args.client_ca)
+        try:
+            load(tls)  # fail at once, naming the file, rather than in every worker
+        except TLSConfigError as exc:
+            _usage_error(str(exc))
+        mode = IdentityFrom.TLS
+    elif args.identity_from == IDENTITY_XFCC:
+        mode = IdentityFrom.XFCC
+    elif args.insecure_no_identity:
+        mode = IdentityFrom.INSECURE
+    else:
+        mode = IdentityFrom.NONE
+    return {"identity_from": mode, "tls": tls, "trust_domains": tuple(args.trust_domain),
+            "root_namespace": args.root_namespace}
+
+
+def _usage_error(message: str) -> None:
+    print(f"holysheep-mesh extproc: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _add_dev(sub: Any) -> None:
@@ -48,11 +104,28 @@ def _add_dev(sub: Any) -> None:
     p.add_argument("--admin-port", type=int, default=8080, help="ext_proc /health /ready /metrics")
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--secrets-dir", default=DEFAULT_SECRETS_DIR)
+    p.add_argument("--workload", default="default/default", type=_workload, metavar="NAMESPACE/SERVICE_ACCOUNT",
+                   help="the identity Envoy's certificate gives it towards the ext_proc (default: default/default); "
+                        "a config serves it only in its scope")
     p.add_argument("--log-level", default=os.environ.get("HOLYSHEEP_LOG_LEVEL", "INFO"))
     p.set_defaults(func=dev_main)
 
 
+def _workload(text: str) -> tuple[str, str]:
+    namespace, sep, service_account = text.partition("/")
+    from extproc.spiffe import IdentityError, parse_spiffe_id
+
+    try:
+        if not sep:
+            raise IdentityError("", "")
+        parse_spiffe_id(f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}")
+    except IdentityError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/SERVICE_ACCOUNT (Kubernetes names)") from None
+    return namespace, service_account
+
+
 def extproc_main(args: argparse.Namespace) -> int:
+    identity = identity_options(args)
     if args.workers > 1 and not os.environ.get("HOLYSHEEP_WORKER"):
         from extproc.workers import supervise
 
@@ -66,6 +139,7 @@ def extproc_main(args: argparse.Namespace) -> int:
     asyncio.run(serve(ServerOptions(
         config_path=args.config, grpc_address=args.grpc_address, http_host=host, http_port=port,
         secrets_dir=args.secrets_dir, drain_delay_seconds=args.drain_delay_seconds, drain_seconds=args.drain_seconds,
+        **identity,
     )))
     return 0
 
@@ -87,6 +161,7 @@ def dev_main(args: argparse.Namespace) -> int:
     options = DevOptions(
         config_path=args.config or "", listen_host=host, listen_port=port, grpc_port=args.grpc_port,
         admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port, secrets_dir=args.secrets_dir,
+        workload=args.workload,
     )
 
     async def main() -> None:

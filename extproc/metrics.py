@@ -205,17 +205,26 @@ CACHE_ENTRIES = BatchedGauge(
     "Entries in the process's memory cache tiers (each config's tier is bounded by its maxEntries).",
     multiprocess_mode="max",
 )
+# The calling workload: namespace and service account from its authenticated certificate; the
+# workload name from the caller's node metadata, inside that namespace (extproc/identity.py).
+WORKLOAD_LABELS = ["workload_namespace", "service_account", "workload"]
 WORKLOAD_REQUESTS = BatchedCounter(
-    "holysheep_workload_requests", "Requests per calling workload, when the mesh identifies it.",
-    ["workload_namespace", "workload"],
+    "holysheep_workload_requests", "Requests per calling workload (its authenticated namespace and service account).",
+    WORKLOAD_LABELS,
 )
 WORKLOAD_TOKENS = BatchedCounter(
     "holysheep_workload_tokens", "Tokens per calling workload and model.",
-    ["workload_namespace", "workload", "model", "type"],
+    [*WORKLOAD_LABELS, "model", "type"],
 )
 WORKLOAD_COST = BatchedCounter(
     "holysheep_workload_cost_usd", "Cost in US dollars per calling workload and model.",
-    ["workload_namespace", "workload", "model"],
+    [*WORKLOAD_LABELS, "model"],
+)
+UNAUTHORIZED = Counter(
+    "holysheep_unauthorized_calls",
+    "ext_proc streams refused with PERMISSION_DENIED, by reason: no acceptable identity (e.g. xfcc_forwarded, "
+    "not_spiffe, no_identity_source) or a caller outside the config's scope (namespace, service_account).",
+    ["reason"],
 )
 ERRORS = BatchedCounter(
     "holysheep_client_errors", "Requests answered with an error by the data plane itself, by error type.",

@@ -2,13 +2,18 @@
 them. Each returns its answer: a ``ProcessingResponse`` when it is known at once (the hot path,
 no coroutine), an awaitable when it needs I/O (a cache lookup, failover calls).
 
-Request headers: remember the request and its caller; a bodyless call (GET /models) is routed
-here. Request body: parse the model, match a route, plan the attempts and send the first through
+Request headers: remember the request and its caller, refuse a caller in the scope of no
+config; a bodyless call (GET /models) is routed here. Request body: parse the model, match a
+route among the configs in the caller's scope, plan the attempts and send the first through
 Envoy (its header set and body come from the provider's adapter). Response headers: on 5xx/429
 (including Envoy's own 503/504 for refused connections and timeouts) call the next backends
 directly and answer with an ImmediateResponse; when none can answer, serve the cache or a 503.
 Response body: acknowledge each chunk at once; a copy feeds usage accounting and the cache
 after the ack (``after_response_body``).
+
+Authorization (extproc/authz.py): a caller only ever reaches configs in its scope; what it may
+not use raises ``authz.Denied``, which ends the stream with PERMISSION_DENIED (service.py), so
+Envoy fails the request closed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeAlias
 
-from extproc import metrics
+from extproc import authz, metrics
 from extproc.accounting import Ledger, ResponseCopy, count_answer, count_failure
 from extproc.api import Endpoint, ParsedRequest, classify_path, is_ai_endpoint, parse_body
 from extproc.attempts import Attempt, AttemptPlan, bodyless_attempt
@@ -27,7 +32,7 @@ from extproc.cache import CachedResponse
 from extproc.errors import BodyTooLarge, ClientError, MissingModel, NoProviderAvailable, NotConfigured, UnknownModel
 from extproc.identity import ANONYMOUS, Caller, Identify, caller_from_node_metadata
 from extproc.routing import RouteMatch
-from extproc.runtime import Runtime
+from extproc.runtime import Provider, Runtime
 from extproc.upstream import UpstreamClient, UpstreamResult, is_failure
 from protos import messages as m
 
@@ -62,11 +67,15 @@ class RequestProcessor:
     def __init__(
         self, runtime: Runtime | None, upstream: UpstreamClient, spawn: Spawn,
         identify: Identify = caller_from_node_metadata,
+        root_namespace: str = authz.DEFAULT_ROOT_NAMESPACE,
     ) -> None:
         self.rt = runtime
         self.upstream = upstream
         self.spawn = spawn
+        # service.py hands over the stream's authenticated identify (identity.authenticated_caller);
+        # the default, nothing authenticated, is the insecure dev mode's (and the unit tests').
         self.identify = identify
+        self.root_namespace = root_namespace
         self.info = RequestInfo()
         self.caller: Caller = ANONYMOUS
         # Set by the body phase; None for a bodyless call.
@@ -91,12 +100,17 @@ class RequestProcessor:
             return self.reject(NotConfigured())
         self.info = request_info(req)
         self.caller = self.identify(req, self.info, rt.tenant_header)
+        identity = self.caller.identity
+        if identity is not None:
+            reason = authz.scope_denial(identity, rt.configs, self.root_namespace)
+            if reason is not None:
+                raise authz.Denied(reason, f"{identity} is in the scope of no HolySheepConfig served here")
         if not req.request_headers.end_of_stream:
             return m.CONTINUE_REQUEST_HEADERS  # the body's answer carries the mutations
         if self.info.method == "POST" and is_ai_endpoint(self.info.path):
             # No body phase will follow: answer here what the body phase would have.
             return self.reject(MissingModel("The request has no body; a JSON object with a model is required"))
-        provider = rt.provider_for_host(self.info.host)
+        provider = self._bodyless_provider(rt)
         if provider is None:
             return m.CONTINUE_REQUEST_HEADERS  # not a provider's host: not ours to touch
         attempt = bodyless_attempt(provider, self.info.path)
@@ -108,8 +122,8 @@ class RequestProcessor:
             match = self._route(req.request_body.body)
         except ClientError as err:
             return self.reject(err)
-        # The config is known from here on. Authorization of the caller for it (ending the
-        # stream with PERMISSION_DENIED) and budget admission (a 429) belong right here.
+        # The config is known from here on, and the caller is in its scope (_route). Budget
+        # admission (a 429) belongs right here.
         self._plan(match)
         assert self.ledger is not None
         if self.ledger.cache.spec.mode == "Always":
@@ -126,10 +140,44 @@ class RequestProcessor:
         self.raw_body = body
         self.endpoint = classify_path(self.info.path)
         self.parsed = parse_body(body)
-        match = self.rt.routes.match(self.parsed.model)
+        match = self._match(self.rt, self.parsed.model)
         if match is None:
             raise UnknownModel(self.parsed.model)
         return match
+
+    def _match(self, rt: Runtime, model: str) -> RouteMatch | None:
+        """The first route for ``model`` among the configs in the caller's scope: a config the
+        caller may not use is skipped, so it neither serves nor shadows another config's route.
+        Raises authz.Denied when routes exist for the model but none in scope."""
+        identity = self.caller.identity
+        if identity is None:  # --insecure-no-identity: every config
+            return rt.routes.match(model)
+        matches = rt.routes.matches(model)
+        for match in matches:
+            if authz.config_denial(identity, match.config, self.root_namespace) is None:
+                return match
+        if not matches:
+            return None
+        reason = authz.scope_denial(identity, (m.config for m in matches), self.root_namespace)
+        raise authz.Denied(reason or authz.OUT_OF_NAMESPACE,
+                           f"{identity} asked for model {model[:100]!r}, which only "
+                           f"{authz.describe(matches[0].config)} serves")
+
+    def _bodyless_provider(self, rt: Runtime) -> Provider | None:
+        """The provider a bodyless call goes to: by host, among the configs in the caller's scope."""
+        identity = self.caller.identity
+        if identity is None:  # --insecure-no-identity: every config
+            return rt.provider_for_host(self.info.host)
+        candidates = rt.providers_for_host(self.info.host)
+        for provider in candidates:
+            if authz.config_denial(identity, provider.config, self.root_namespace) is None:
+                return provider
+        if not candidates:
+            return None
+        reason = authz.scope_denial(identity, (p.config for p in candidates), self.root_namespace)
+        raise authz.Denied(reason or authz.OUT_OF_NAMESPACE,
+                           f"{identity} called {self.info.host[:100]!r}, whose provider only "
+                           f"{authz.describe(candidates[0].config)} serves")
 
     def _plan(self, match: RouteMatch) -> None:
         rt, endpoint, parsed = self.rt, self.endpoint, self.parsed

@@ -23,6 +23,7 @@ class RouteMatch:
 class RouteTable:
     def __init__(self, configs: Sequence[HolySheepConfig]) -> None:
         self._exact: dict[str, RouteMatch] = {}
+        self._exact_all: dict[str, list[RouteMatch]] = {}
         self._globs: list[tuple[re.Pattern[str], RouteMatch]] = []
         for cfg in configs:
             for route in cfg.routes:
@@ -32,7 +33,9 @@ class RouteTable:
                         self._globs.append((re.compile(fnmatch.translate(pattern)), match))
                     else:
                         self._exact.setdefault(pattern, match)
+                        self._exact_all.setdefault(pattern, []).append(match)
         self._memo: dict[str, RouteMatch | None] = {}
+        self._memo_all: dict[str, tuple[RouteMatch, ...]] = {}
 
     def match(self, model: str) -> RouteMatch | None:
         try:
@@ -44,6 +47,19 @@ class RouteTable:
             found = next((m for rx, m in self._globs if rx.match(model)), None)
         if len(self._memo) < 4096:  # model names come from clients: keep the memo bounded
             self._memo[model] = found
+        return found
+
+    def matches(self, model: str) -> tuple[RouteMatch, ...]:
+        """Every route for ``model`` in precedence order (exact names in config order, then globs
+        in declaration order); ``match`` is the first. The data plane takes the first one whose
+        config is in the caller's scope (extproc/authz.py)."""
+        try:
+            return self._memo_all[model]
+        except KeyError:
+            pass
+        found = (*self._exact_all.get(model, ()), *(m for rx, m in self._globs if rx.match(model)))
+        if len(self._memo_all) < 4096:
+            self._memo_all[model] = found
         return found
 
 

@@ -65,6 +65,7 @@ class Runtime:
         self.caches: dict[str, ResponseCache] = {}
         self.pricing: dict[str, Pricing] = {}
         self.by_authority: dict[str, Provider] = {}
+        self._by_authority_all: dict[str, list[Provider]] = {}
         old_caches: dict[CacheSpec, ResponseCache] = {c.spec: c for c in previous.caches.values()} if previous else {}
         # Every header any configured provider takes a credential in: a client's value of one is
         # stripped before a request goes to any provider, not only to the provider that uses it.
@@ -86,6 +87,7 @@ class Runtime:
                 provider = Provider(spec, cfg, breaker, timeout, adapter, remove)
                 self.providers[spec.name] = provider
                 self.by_authority.setdefault(spec.authority, provider)
+                self._by_authority_all.setdefault(spec.authority, []).append(provider)
         self.retired_caches = list(old_caches.values())
         # Tenant scope is needed before the model (and so the config) is known.
         self.tenant_header = self.configs[0].cache.tenant_header if self.configs else "x-holysheep-tenant"
@@ -98,6 +100,14 @@ class Runtime:
         if provider is None and len(self.providers) == 1:
             provider = next(iter(self.providers.values()))
         return provider
+
+    def providers_for_host(self, host: str) -> list[Provider]:
+        """Every provider a bodyless call to ``host`` may go to, in config order (the data plane
+        takes the first in the caller's scope); with a single provider, that one."""
+        found = self._by_authority_all.get(host) or self._by_authority_all.get(host.partition(":")[0])
+        if not found and len(self.providers) == 1:
+            return list(self.providers.values())
+        return list(found or ())
 
     def cache_for(self, cfg: HolySheepConfig) -> ResponseCache:
         return self.caches[f"{cfg.namespace}/{cfg.name}"]

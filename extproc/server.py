@@ -1,4 +1,9 @@
-"""The data plane process: gRPC ext_proc + health, HTTP /health /ready /metrics, reload, drain."""
+"""The data plane process: gRPC ext_proc + health, HTTP /health /ready /metrics, reload, drain.
+
+The gRPC port is plaintext, or mTLS requiring a client certificate from ``tls.client_ca``
+(extproc/tls.py, files followed without a restart); ``identity_from`` says where each stream's
+caller identity comes from (extproc/identity.py).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,10 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from extproc import heap, metrics
 from extproc.credentials import DEFAULT_SECRETS_DIR, CredentialStore
 from extproc.health import HealthChecker
+from extproc.identity import IdentityFrom, authenticator
 from extproc.runtime import Runtime
 from extproc.service import ExternalProcessorService
+from extproc.tls import ReloadingServerCredentials, TLSFiles
 from extproc.upstream import UpstreamClient
 from protos.spec import ConfigError, load_text
 
@@ -45,6 +52,12 @@ class ServerOptions:
     # the CLI's flags; mesh/base/extproc.yaml says why these values.
     drain_delay_seconds: float = 20.0
     drain_seconds: float = 20.0
+    # Who is calling (README, Security). NONE refuses every stream: secure unless told otherwise.
+    identity_from: IdentityFrom = IdentityFrom.NONE
+    tls: TLSFiles | None = None  # with identity_from TLS: serve mTLS with these files
+    tls_reload_interval: float = 1.0
+    trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains accepted; empty: any
+    root_namespace: str = "istio-system"  # a config here serves every namespace (extproc/authz.py)
 
 
 class DataPlane:
@@ -54,6 +67,9 @@ class DataPlane:
         self.upstream = UpstreamClient()
         self.health = HealthChecker(self.upstream)
         self.runtime: Runtime | None = None
+        if (options.identity_from is IdentityFrom.TLS) != (options.tls is not None):
+            raise ValueError("identity_from TLS and tls files go together")
+        self.authenticate = authenticator(options.identity_from, options.trust_domains or None)
         self.serving = False
         self.shutting_down = False
         self._config_digest = b""
@@ -116,7 +132,13 @@ class DataPlane:
         pbg.add_ExternalProcessorServicer_to_server(service, grpc_server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        port = grpc_server.add_insecure_port(self.options.grpc_address)
+        files = self.options.tls
+        tls = ReloadingServerCredentials(files, self.options.tls_reload_interval) if files is not None else None
+        if tls is not None:
+            port = grpc_server.add_secure_port(self.options.grpc_address, tls.server_credentials())
+            tls.start()
+        else:
+            port = grpc_server.add_insecure_port(self.options.grpc_address)
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.options.grpc_address}")
         # The health status is set before the port serves: the servicer starts out SERVING, which
@@ -132,8 +154,10 @@ class DataPlane:
         self.serving = True
         self._update_ready()
         heap.settle()  # the start-up heap is never scanned again (extproc/heap.py)
-        log.info("serving ext_proc on %s (port %d), admin on %s:%d",
-                 self.options.grpc_address, port, self.options.http_host, self.options.http_port)
+        log.info("serving ext_proc on %s (port %d, %s), admin on %s:%d",
+                 self.options.grpc_address, port, "mTLS" if tls else "plaintext", self.options.http_host,
+                 self.options.http_port)
+        _log_identity_mode(self.options.identity_from)
         watcher = asyncio.get_running_loop().create_task(self._watch_config())
         await stop.wait()
 
@@ -142,6 +166,8 @@ class DataPlane:
         await runner.cleanup()
         await self.health.stop()
         await self.credentials.stop()
+        if tls is not None:
+            await tls.stop()
         await self.upstream.close()
         if self.runtime is not None:
             for cache in self.runtime.caches.values():
@@ -205,6 +231,20 @@ class DataPlane:
         app.router.add_get("/ready", ready_handler)
         app.router.add_get("/metrics", metrics_handler)
         return app
+
+
+def _log_identity_mode(mode: IdentityFrom) -> None:
+    if mode is IdentityFrom.TLS:
+        log.info("caller identity: the SPIFFE ID of the client certificate (mTLS)")
+    elif mode is IdentityFrom.XFCC:
+        log.info("caller identity: x-forwarded-client-cert from this pod's Istio sidecar (trusted only behind it, "
+                 "with forwardedClientCert SANITIZE_SET and STRICT mTLS on this port)")
+    elif mode is IdentityFrom.INSECURE:
+        log.warning("--insecure-no-identity: callers are NOT authenticated; any caller that reaches this port gets "
+                    "provider credentials and chooses its own cache scope. Development only.")
+    else:
+        log.error("no identity source (--tls-cert/--tls-key/--client-ca or --identity-from xfcc): every ext_proc "
+                  "stream is refused with PERMISSION_DENIED")
 
 
 def _read(path: str) -> str:

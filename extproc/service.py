@@ -1,18 +1,28 @@
-"""The ExternalProcessor gRPC service: one stream per HTTP request, one processor per stream."""
+"""The ExternalProcessor gRPC service: one stream per HTTP request, one processor per stream.
+
+Each stream's caller is authenticated once, from the transport, before any message is read
+(extproc/identity.py). A stream without an acceptable identity, or whose caller asks for a
+config outside its scope (extproc/authz.py), ends with PERMISSION_DENIED: Envoy fails the
+request closed (a 5xx to the client, no provider sees it). Each refusal is counted in
+``holysheep_unauthorized_calls_total{reason}`` and logged with the identity or the peer, never
+with anything the request carried.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from extproc import metrics
+from extproc.authz import Denied
 from extproc.errors import InternalError
-from extproc.identity import caller_from_node_metadata
+from extproc.identity import authenticated_caller, caller_from_node_metadata
 from extproc.processor import Answer, Processor, RequestProcessor
+from extproc.spiffe import IdentityError
 from protos import messages as m
 
 log = logging.getLogger(__name__)
@@ -29,14 +39,17 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self.in_flight += 1
         self.idle.clear()
-        # The caller's identity: today from the node metadata Envoy sends with each request; an
-        # identity from the stream's transport (the peer's mTLS certificate) is read here, once
-        # per stream, and handed over the same way.
-        proc: Processor = RequestProcessor(
-            self.plane.runtime, self.plane.upstream, self.plane.spawn, identify=caller_from_node_metadata
-        )
-        loop = asyncio.get_running_loop()
         try:
+            try:
+                identity = self.plane.authenticate(context)
+            except IdentityError as exc:
+                await _refuse(context, exc.reason, str(exc), f"peer {context.peer()}")
+            identify = authenticated_caller(identity) if identity is not None else caller_from_node_metadata
+            proc: Processor = RequestProcessor(
+                self.plane.runtime, self.plane.upstream, self.plane.spawn, identify=identify,
+                root_namespace=self.plane.options.root_namespace,
+            )
+            loop = asyncio.get_running_loop()
             while True:
                 req = await context.read()
                 if req is grpc.aio.EOF:
@@ -46,6 +59,9 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                     answer = _answer(proc, phase, req)
                     # Only a phase that needs I/O returns an awaitable: the hot path awaits nothing.
                     resp = answer if isinstance(answer, m.ProcessingResponse) else await answer
+                except (Denied, IdentityError) as exc:
+                    who = str(identity) if identity else f"peer {context.peer()}"
+                    await _refuse(context, exc.reason, str(exc), who)
                 except Exception:
                     # A bug must cost one request a clean 500, never the stream or the server.
                     log.exception("ext_proc processing failed")
@@ -68,6 +84,14 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
             if self.in_flight == 0:
                 self.idle.set()
                 metrics.flush()  # no other stream to share a write with: this one's counts now
+
+
+async def _refuse(context: grpc.aio.ServicerContext, reason: str, message: str, who: str) -> NoReturn:
+    """End the stream with PERMISSION_DENIED (raises, as ``context.abort`` does)."""
+    metrics.UNAUTHORIZED.labels(reason).inc()
+    log.warning("refused an ext_proc stream from %s: %s", who, message, extra={"reason": reason})
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unauthorized: {reason}")
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
 def _answer(proc: Processor, phase: str | None, req: m.ProcessingRequest) -> Answer:

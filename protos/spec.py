@@ -47,6 +47,7 @@ from protos.schema import (
     openapi,
     read_model,
 )
+from protos.scope import SERVICE_ACCOUNT_PATTERN, service_account_pattern_problem
 
 __all__ = [
     "API_VERSION", "AUTH_TYPES", "BUDGET_PER", "CACHE_MODES", "KIND", "SEED_ENV", "SEED_PROVIDER_NAME",
@@ -347,6 +348,12 @@ class HolySheepConfig:
     routes: tuple[RouteSpec, ...] = field(
         Arr(Obj(RouteSpec), 1), default_factory=tuple, after=_every_model_to_the_providers, description=(
             "Model routes; absent: every model goes to the providers in listed order."))
+    service_accounts: tuple[str, ...] = field(
+        Arr(Str(SERVICE_ACCOUNT_PATTERN, check=service_account_pattern_problem, max_length=254), 1),
+        default_factory=tuple, description=(
+            "Service accounts that may use this config, within its scope (its namespace, or every namespace for a "
+            "config in Istio's root namespace): names, 'prefix*', '*suffix' or '*', as in an AuthorizationPolicy. "
+            "Absent: every service account in scope."))
     circuit_breaker: CircuitBreakerSpec = field(
         Obj(CircuitBreakerSpec), default_factory=CircuitBreakerSpec, description="Per-provider circuit breaker.")
     health_check: HealthCheckSpec | None = field(Obj(HealthCheckSpec), default=None, description=(

@@ -194,14 +194,18 @@ def test_always_mode_serves_hits_before_any_provider(redis: RedisServer) -> None
         assert hit.headers["x-holysheep-cache"] == "hit"
         assert hit.json() == first.json()
         assert s.mocks["one"].count("/chat/completions") == calls
-        # Tenant scope: another workload's identical question is not served the first one's answer.
+        # The scope is the caller's authenticated identity: a tenant header claiming another
+        # scope changes nothing (tests/test_e2e_zero_trust.py: another identity is not served it).
         other = s.chat("m3", content="same question", headers={"x-holysheep-tenant": "team-b"})
-        assert "x-holysheep-cache" not in other.headers
+        assert other.headers.get("x-holysheep-cache") == "hit"
 
 
 def test_mesh_identity_scopes_cache_and_a_client_tenant_header_is_ignored(redis: RedisServer) -> None:
     stack = _stack(redis, "Always")
-    stack.node_metadata = {"NAMESPACE": "shop", "WORKLOAD_NAME": "checkout"}
+    # Envoy presents default/checkout's certificate; its node metadata names another namespace
+    # (ignored: only the workload name is taken, as a label inside the certificate's namespace).
+    stack.workload = "default/checkout"
+    stack.node_metadata = {"NAMESPACE": "shop", "WORKLOAD_NAME": "checkout-v2"}
     with running(stack) as s:
         first = s.chat("m5", content="identity", headers={"x-holysheep-tenant": "team-a"})
         assert first.status_code == 200 and "x-holysheep-cache" not in first.headers
@@ -210,9 +214,11 @@ def test_mesh_identity_scopes_cache_and_a_client_tenant_header_is_ignored(redis:
         again = s.chat("m5", content="identity", headers={"x-holysheep-tenant": "team-b"})
         assert again.headers.get("x-holysheep-cache") == "hit"
         metrics = s.extproc.metrics()
-        assert 'holysheep_workload_requests_total{workload="checkout",workload_namespace="shop"} 1.0' in metrics
-        assert 'holysheep_workload_tokens_total{model="m5",type="output",workload="checkout",' \
-               'workload_namespace="shop"}' in metrics
+        who = 'service_account="checkout",workload="checkout-v2",workload_namespace="default"'
+        assert f'holysheep_workload_requests_total{{{who}}} 1.0' in metrics
+        assert ('holysheep_workload_tokens_total{model="m5",service_account="checkout",type="output",'
+                'workload="checkout-v2",workload_namespace="default"}') in metrics
+        assert 'workload_namespace="shop"' not in metrics
 
 
 def test_openai_sdk_through_dev_envoy(stack: Stack) -> None:

@@ -49,8 +49,8 @@ def stack() -> Iterator[Stack]:
 class Exchange:
     """One ext_proc stream whose client side stays open until the test ends it."""
 
-    def __init__(self, port: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    def __init__(self, stack: Stack) -> None:
+        self.channel = stack.extproc_channel()  # mTLS with the stack's workload certificate, as its Envoy
         self.outbox: queue.Queue[object] = queue.Queue()
         stub = pbg.ExternalProcessorStub(self.channel)
         self.responses = stub.Process(self._requests(), timeout=10)
@@ -79,7 +79,7 @@ class Exchange:
 
 @pytest.fixture
 def exchange(stack: Stack) -> Iterator[Exchange]:
-    ex = Exchange(stack.extproc.grpc_port)
+    ex = Exchange(stack)
     yield ex
     ex.close()
 

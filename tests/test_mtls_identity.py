@@ -563,3 +563,96 @@ def test_service_account_patterns_are_istios_match_forms() -> None:
         assert authz.service_account_pattern_problem(good) is None, good
     for bad in ("a*b", "**", "*a*", "", "Checkout", "shop/checkout", "check out", "a?"):
         assert authz.service_account_pattern_problem(bad), bad
+
+
+# --- spec.serviceAccounts: one set of match forms for the parser, the CRD and the data plane ------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config_with(accounts: Any) -> dict[str, Any]:
+    return {"apiVersion": "holysheep.ai/v1", "kind": "HolySheepConfig", "metadata": {"name": "a", "namespace": "shop"},
+            "spec": {"baseUrl": "https://api.example/v1", "serviceAccounts": accounts}}
+
+
+def _crd_schema() -> dict[str, Any]:
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "mesh" / "crd" / "holysheepconfig.yaml").read_text())
+    (version,) = doc["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+@pytest.mark.parametrize("accounts", [["checkout"], ["check*", "*out", "*"], ["a.b-c", "0"]])
+def test_service_accounts_accepted_by_the_parser_and_the_crd(accounts: list[str]) -> None:
+    import jsonschema
+
+    from protos.spec import parse_document
+
+    cfg = parse_document(_config_with(accounts))
+    assert cfg.service_accounts == tuple(accounts)
+    jsonschema.validate(_config_with(accounts), _crd_schema())
+
+
+@pytest.mark.parametrize("accounts", [[], ["a*b"], ["**"], ["*a*"], ["Checkout"], ["shop/checkout"], [""],
+                                      ["check out"], "checkout", [3]])
+def test_service_accounts_rejected_by_the_parser_and_the_crd(accounts: Any) -> None:
+    import jsonschema
+
+    from protos.spec import ConfigError, parse_document
+
+    with pytest.raises(ConfigError) as info:
+        parse_document(_config_with(accounts))
+    assert "spec.serviceAccounts" in str(info.value)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_config_with(accounts), _crd_schema())
+
+
+def test_an_absent_service_account_list_is_the_whole_scope() -> None:
+    from protos.spec import parse_document
+
+    doc = _config_with([])
+    del doc["spec"]["serviceAccounts"]
+    cfg = parse_document(doc)
+    assert cfg.service_accounts == ()
+    assert authz.config_denial(WorkloadIdentity("cluster.local", "shop", "anyone"), cfg) is None
+    assert authz.config_denial(WorkloadIdentity("cluster.local", "cart", "anyone"), cfg) == authz.OUT_OF_NAMESPACE
+
+
+def test_scope_denial_over_several_configs_names_the_closest_miss() -> None:
+    from protos.spec import parse_document
+
+    shop = parse_document(_config_with(["checkout"]))
+    other = parse_document({**_config_with(["x"]), "metadata": {"name": "b", "namespace": "billing"}})
+    assert authz.scope_denial(CHECKOUT, [other, shop]) is None
+    assert authz.scope_denial(WorkloadIdentity("cluster.local", "shop", "cart"), [other, shop]) == \
+        authz.SERVICE_ACCOUNT_NOT_LISTED
+    assert authz.scope_denial(WorkloadIdentity("cluster.local", "ads", "cart"), [other, shop]) == authz.OUT_OF_NAMESPACE
+    assert authz.scope_denial(CHECKOUT, []) == authz.OUT_OF_NAMESPACE
+
+
+# --- the install: what makes the sidecar's XFCC trustworthy ---------------------------------------
+
+def test_the_install_gives_the_ext_proc_a_trustworthy_xfcc() -> None:
+    """The three guarantees behind --identity-from xfcc (README, Security): the ext_proc pod's
+    sidecar replaces any caller's XFCC (SANITIZE_SET), only mTLS reaches port 9002 (STRICT), and
+    the sidecar captures that port (no inbound exclusion)."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "mesh" / "base" / "extproc.yaml").read_text()) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]
+    annotations = pod["metadata"]["annotations"]
+    proxy_config = json.loads(annotations["proxy.istio.io/config"])
+    assert proxy_config["proxyHeaders"]["forwardedClientCert"] == "SANITIZE_SET"
+    assert pod["metadata"].get("labels", {}).get("sidecar.istio.io/inject") != "false"
+    for key in ("traffic.sidecar.istio.io/excludeInboundPorts", "traffic.sidecar.istio.io/includeInboundPorts"):
+        assert key not in annotations  # every inbound port is captured (Istio's default "*")
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "extproc"]
+    assert "--identity-from=xfcc" in container["args"]
+    assert not any(a.startswith(("--insecure-no-identity", "--tls-")) for a in container["args"])
+    (peer,) = [d for d in docs if d["kind"] == "PeerAuthentication"]
+    assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    assert peer["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert peer["spec"].get("portLevelMtls", {}).get("9002", {"mode": "STRICT"})["mode"] == "STRICT"

@@ -49,10 +49,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 T = TypeVar("T")
 PROVIDERS = ("primary", "secondary", "tertiary")
-# Metrics only a request carrying a workload identity (Envoy node metadata NAMESPACE /
-# WORKLOAD_NAME) produces. `holysheep-mesh dev` sets no node metadata yet, so these panels
-# cannot show data locally; xfail(strict) turns into a failure the day the dev stack has one.
-IDENTITY_METRICS = ("holysheep_workload_",)
 
 CONFIG = """\
 apiVersion: holysheep.ai/v1
@@ -308,12 +304,10 @@ def test_traffic_was_what_the_panels_show(live: Live) -> None:
 
 def _panel_params() -> list[Any]:
     params = []
+    # Every panel, the per-workload ones too: the dev stack's Envoy calls the ext_proc over mTLS
+    # as workload default/default (`holysheep-mesh dev --workload`), the identity they count.
     for q in panel_queries():
-        marks = []
-        if any(m in q.expr for m in IDENTITY_METRICS):
-            marks.append(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                          reason="the dev stack carries no workload identity yet"))
-        params.append(pytest.param(q, id=f"{q.panel}{q.ref_id}-{q.title}", marks=marks))
+        params.append(pytest.param(q, id=f"{q.panel}{q.ref_id}-{q.title}"))
     return params
 
 

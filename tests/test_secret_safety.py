@@ -378,9 +378,12 @@ spec:
 """
 
 
-def _tenant_stack(redis: RedisServer, identity: dict[str, str] | None) -> Stack:
+def _tenant_stack(redis: RedisServer, workload: str | None, node_metadata: dict[str, str] | None = None) -> Stack:
+    """A stack whose Envoy presents ``workload``'s certificate (NAMESPACE/SERVICE_ACCOUNT); None:
+    the ext_proc's --insecure-no-identity dev mode, where no caller is authenticated."""
     stack = Stack(TENANT_TEMPLATE.replace("REDIS", redis.url), {"tp": MockProvider("tp", expect_key="sk-tenant-5150")},
-                  env={"TENANT_KEY": "sk-tenant-5150"}, node_metadata=identity)
+                  env={"TENANT_KEY": "sk-tenant-5150"}, node_metadata=node_metadata,
+                  workload=workload or "", insecure=workload is None)
     return stack
 
 
@@ -405,6 +408,7 @@ def _stored(stack: Stack, n: int) -> None:
 
 @pytest.mark.e2e
 def test_tenant_header_scopes_the_cache_without_mesh_identity(redis: RedisServer) -> None:
+    """Only the insecure dev mode (no identity) lets the header scope the cache."""
     with running(_tenant_stack(redis, None)) as s:
         a = _ask(s, "shared question", "team-a")
         _stored(s, 1)
@@ -419,9 +423,10 @@ def test_tenant_header_scopes_the_cache_without_mesh_identity(redis: RedisServer
 @pytest.mark.e2e
 def test_workload_identity_scopes_a_shared_cache_and_no_header_can_cross_it(redis: RedisServer) -> None:
     """Extends test_mesh_identity_scopes_cache_and_a_client_tenant_header_is_ignored (one workload)
-    to three callers sharing one Redis: two workloads with mesh identity and one without."""
-    checkout = _tenant_stack(redis, {"NAMESPACE": "shop", "WORKLOAD_NAME": "checkout"})
-    billing = _tenant_stack(redis, {"NAMESPACE": "shop", "WORKLOAD_NAME": "billing"})
+    to three callers sharing one Redis: two workloads with mesh identity (their certificates, each
+    naming the other in its node metadata) and one without (an insecure dev-mode ext_proc)."""
+    checkout = _tenant_stack(redis, "default/checkout", {"NAMESPACE": "default", "WORKLOAD_NAME": "billing"})
+    billing = _tenant_stack(redis, "default/billing", {"NAMESPACE": "default", "WORKLOAD_NAME": "checkout"})
     anonymous = _tenant_stack(redis, None)
     with running(checkout) as a, running(billing) as b, running(anonymous) as c:
         first = _ask(a, "identity question", "team-x")
@@ -432,12 +437,12 @@ def test_workload_identity_scopes_a_shared_cache_and_no_header_can_cross_it(redi
         own = _ask(b, "identity question")
         assert "x-holysheep-cache" not in own.headers and own.json()["id"] != first.json()["id"]
         _stored(b, 1)
-        for claim in ("team-x", "shop/checkout", "workload:shop/checkout"):
+        for claim in ("team-x", "default/checkout", "id:spiffe://cluster.local/ns/default/sa/checkout"):
             other = _ask(b, "identity question", claim)  # its own answer, never the first workload's
             assert other.headers.get("x-holysheep-cache") == "hit", claim
             assert other.json()["id"] == own.json()["id"] != first.json()["id"]
         # A caller without mesh identity cannot name a workload's scope with the header either.
-        for claim in ("shop/checkout", "workload:shop/checkout", "checkout"):
+        for claim in ("default/checkout", "id:spiffe://cluster.local/ns/default/sa/checkout", "checkout"):
             spoof = _ask(c, "identity question", claim)
             assert "x-holysheep-cache" not in spoof.headers, claim
             assert spoof.json()["id"] != first.json()["id"]

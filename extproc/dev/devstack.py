@@ -1,4 +1,10 @@
-"""`holysheep-mesh dev`: a real Envoy with our ext_proc on its path, from one HolySheepConfig."""
+"""`holysheep-mesh dev`: a real Envoy with our ext_proc on its path, from one HolySheepConfig.
+
+The secure path, as in the mesh: a throwaway CA (extproc.dev.mtls) issues the ext_proc's server
+certificate and the workload certificate Envoy presents to it over mTLS (``--workload
+NAMESPACE/SERVICE_ACCOUNT``, default default/default), and the ext_proc authorizes that identity
+per config like any caller.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,21 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import textwrap
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from extproc import authz
 from extproc.dev.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
+from extproc.dev.mtls import DEFAULT_WORKLOAD, DevPKI
 from extproc.dev.processes import envoy_binary
+from extproc.identity import IdentityFrom
 from extproc.server import DataPlane, ServerOptions
+from extproc.spiffe import parse_spiffe_id
 from protos.spec import load_file
 
 __all__ = ["DEMO_CONFIG", "DevOptions", "demo_banner", "envoy_binary", "run_demo", "run_dev"]
@@ -38,6 +50,7 @@ class DevOptions:
     secrets_dir: str = "/var/run/secrets/holysheep"
     passthrough: Sequence[Passthrough] = field(default_factory=list)
     envoy_log_level: str = "warning"
+    workload: tuple[str, str] = DEFAULT_WORKLOAD  # the (namespace, service account) Envoy presents
 
 
 async def _wait_ready(url: str, proc: asyncio.subprocess.Process, deadline: float = 30.0) -> None:
@@ -56,14 +69,22 @@ async def _wait_ready(url: str, proc: asyncio.subprocess.Process, deadline: floa
 
 async def run_dev(options: DevOptions, stop: asyncio.Event, banner: str = "") -> None:
     configs = load_file(options.config_path)
+    workdir = tempfile.mkdtemp(prefix="holysheep-dev-")
+    pki = DevPKI(Path(workdir) / "pki", options.workload)
+    identity = parse_spiffe_id(pki.workload_id)
+    if authz.scope_denial(identity, configs) is not None:
+        scopes = ", ".join(authz.describe(c) for c in configs)
+        print(f"holysheep-mesh dev: warning: the workload {'/'.join(options.workload)} is in the scope of no config "
+              f"({scopes}): every request will be refused. Pass --workload NAMESPACE/SERVICE_ACCOUNT.",
+              file=sys.stderr, flush=True)
     bootstrap = build_bootstrap(configs, BootstrapOptions(
         listen_address=options.listen_host,
         listen_port=options.listen_port,
         admin_port=options.envoy_admin_port,
         extproc_addresses=[("127.0.0.1", options.grpc_port)],
         passthrough=options.passthrough,
+        extproc_tls=pki.upstream_tls(),
     ))
-    workdir = tempfile.mkdtemp(prefix="holysheep-dev-")
     bootstrap_path = os.path.join(workdir, "envoy.json")
     with open(bootstrap_path, "w", encoding="utf-8") as fh:
         json.dump(bootstrap, fh, indent=1)
@@ -75,6 +96,8 @@ async def run_dev(options: DevOptions, stop: asyncio.Event, banner: str = "") ->
         http_port=options.admin_port,
         secrets_dir=options.secrets_dir,
         drain_seconds=5.0,
+        identity_from=IdentityFrom.TLS,
+        tls=pki.server_files,
         drain_delay_seconds=0.0,  # Envoy, the one client, is stopped first
     ))
     plane_stop = asyncio.Event()
@@ -88,6 +111,8 @@ async def run_dev(options: DevOptions, stop: asyncio.Event, banner: str = "") ->
         print(f"holysheep-mesh dev: Envoy listening on http://{options.listen_host}:{options.listen_port}"
               f" (ext_proc gRPC 127.0.0.1:{options.grpc_port}, metrics http://127.0.0.1:{options.admin_port}/metrics)",
               flush=True)
+        print(f"holysheep-mesh dev: Envoy calls the ext_proc over mTLS as {pki.workload_id} (throwaway CA in "
+              f"{pki.dir})", flush=True)
         if banner:
             print(banner, flush=True)
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(envoy.wait()), plane_task]

@@ -2,7 +2,11 @@
 
 It mirrors what Istio gives a sidecar: one virtual host and cluster per provider host, the
 ext_proc filter disabled by default and switched on only on provider routes, and an entry
-virtual host for apps that call the local listener directly.
+virtual host for apps that call the local listener directly. With ``extproc_tls`` Envoy calls
+the ext_proc over mTLS as a sidecar calls a mesh service: it presents a workload certificate
+(its SPIFFE ID is the identity the ext_proc authorizes) and checks the ext_proc's certificate
+against a CA and the ext_proc's SPIFFE ID, both from SDS files it watches (rotation without a
+restart).
 """
 
 from __future__ import annotations
@@ -47,6 +51,45 @@ class Passthrough:
     port: int
 
 
+WORKLOAD_SECRET = "holysheep-workload"  # the SDS secret names, as the SDS files spell them
+CA_SECRET = "holysheep-trusted-ca"
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """mTLS from Envoy to the ext_proc: SDS files (``{"resources": [Secret]}``) with Envoy's
+    certificate (secret WORKLOAD_SECRET) and the CAs it trusts (secret CA_SECRET), and the
+    URI SAN the ext_proc's certificate must carry."""
+
+    certificate_sds: str
+    validation_sds: str
+    server_uri_san: str
+    sni: str = "localhost"
+
+
+def _sds(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"path_config_source": {"path": path}, "resource_api_version": "V3"}}
+
+
+def extproc_transport_socket(tls: UpstreamTLS) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TLS,
+            "sni": tls.sni,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],  # gRPC
+                "tls_certificate_sds_secret_configs": [_sds(WORKLOAD_SECRET, tls.certificate_sds)],
+                "combined_validation_context": {
+                    "default_validation_context": {"match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": tls.server_uri_san}}]},
+                    "validation_context_sds_secret_config": _sds(CA_SECRET, tls.validation_sds),
+                },
+            },
+        },
+    }
+
+
 @dataclass
 class BootstrapOptions:
     listen_address: str = "127.0.0.1"
@@ -57,6 +100,8 @@ class BootstrapOptions:
     # What Istio puts on a sidecar's node (NAMESPACE, WORKLOAD_NAME): lets the local stack act
     # as a given workload, for per-workload metrics and cache scope.
     node_metadata: dict[str, str] = field(default_factory=dict)
+    # mTLS to the ext_proc (None: plaintext, for an ext_proc run with --insecure-no-identity).
+    extproc_tls: UpstreamTLS | None = None
 
 
 def _cluster_name(provider: ProviderSpec) -> str:
@@ -172,6 +217,8 @@ def build_bootstrap(configs: Sequence[HolySheepConfig], options: BootstrapOption
             "endpoints": [{"lb_endpoints": [_endpoint(a, p) for a, p in options.extproc_addresses]}],
         },
     })
+    if options.extproc_tls is not None:
+        clusters[-1]["transport_socket"] = extproc_transport_socket(options.extproc_tls)
     hcm = {
         "@type": HCM_TYPE,
         "stat_prefix": "egress",

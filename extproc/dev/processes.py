@@ -208,6 +208,8 @@ class ExtProc:
     # restart test behind Envoy's health check sets it; the product's default is 20 s).
     drain_delay_seconds: float = 0.0
     log_level: str = "DEBUG"
+    # More flags, e.g. the caller-identity ones (extproc.dev.mtls.DevPKI.extproc_args).
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -219,7 +221,7 @@ class ExtProc:
                 "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--http-address", f"127.0.0.1:{self.http_port}",
                 "--secrets-dir", str(self.secrets_dir), "--workers", str(self.workers),
                 "--drain-seconds", f"{self.drain_seconds:g}", "--drain-delay-seconds", f"{self.drain_delay_seconds:g}",
-                "--log-level", self.log_level]
+                "--log-level", self.log_level, *self.extra_args]
 
     def start(self, timeout: float = 20.0) -> None:
         process = Process(self.argv(), self.log_path, env=self.env, cwd=self.config_path.parent)

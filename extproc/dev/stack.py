@@ -4,6 +4,12 @@ The one stack harness of the tests (tests/harness.py adds the leak guard on top)
 (bench/stack.py adds its fixed upstreams and the floor; bench/chaos.py uses it as is). Every
 piece binds 127.0.0.1 on a free port and can be stopped and restarted on its own, to inject
 faults. The Envoy bootstrap is the dev stack's own (``envoy_bootstrap.build_bootstrap``).
+
+Envoy calls the ext_proc over mTLS (extproc.dev.mtls.DevPKI, a throwaway CA per stack) and
+presents a workload certificate, so every test through a Stack is authenticated and authorized:
+``workload="NAMESPACE/SERVICE_ACCOUNT"`` (default: service account ``default`` in the first
+config's namespace, so the stack's own config is in scope). ``insecure=True`` runs the ext_proc
+with ``--insecure-no-identity`` and Envoy in plaintext instead (tests of that dev mode only).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from extproc.dev.envoy_bootstrap import BootstrapOptions, Passthrough, build_bootstrap
+from extproc.dev.mtls import DevPKI, parse_workload
 from extproc.dev.processes import Envoy, ExtProc, free_port
 from protos.spec import load_text
 
 if TYPE_CHECKING:  # httpx is a test/bench dependency: imported only by the client methods
+    import grpc
     import httpx
 
     from extproc.dev.mock_provider import MockProvider
@@ -56,6 +64,8 @@ class Stack:
         envoy_concurrency: int = 1,
         envoy_log_level: str = "warning",
         bootstrap_hook: BootstrapHook | None = None,
+        workload: str = "",
+        insecure: bool = False,
     ) -> None:
         self.template = template
         self.mocks = mocks or {}
@@ -78,6 +88,9 @@ class Stack:
         self.envoy_concurrency = envoy_concurrency
         self.envoy_log_level = envoy_log_level
         self.bootstrap_hook = bootstrap_hook
+        self.workload = workload
+        self.insecure = insecure
+        self.pki: DevPKI | None = None
         self.extprocs: list[ExtProc] = []
         self.envoy: Envoy | None = None
         self.port = free_port()
@@ -159,6 +172,7 @@ class Stack:
             extproc_addresses=[("127.0.0.1", ep.grpc_port) for ep in self.extprocs],
             passthrough=[Passthrough(d, "127.0.0.1", p) for d, p in self.passthrough],
             node_metadata=self.node_metadata,
+            extproc_tls=self.pki.upstream_tls() if self.pki is not None else None,
         ))
         return self.bootstrap_hook(boot) if self.bootstrap_hook else boot
 
@@ -167,10 +181,14 @@ class Stack:
             if not mock.port:
                 mock.start_in_thread()
         self.write_config()
+        if not self.insecure and self.pki is None:
+            workload = self.workload or f"{load_text(self.render())[0].namespace}/default"
+            self.pki = DevPKI(self.workdir / "pki", parse_workload(workload))
         for i in range(self.extproc_count):
             ep = ExtProc(self.config_path, self.secrets_dir, self.env, workers=self.workers,
                          log_path=self.workdir / f"extproc-{i}.log", drain_seconds=self.drain_seconds,
                          drain_delay_seconds=self.drain_delay_seconds, log_level=self.log_level)
+            ep.extra_args = self.pki.extproc_args() if self.pki is not None else ["--insecure-no-identity"]
             ep.start()
             self.extprocs.append(ep)
         self.envoy = Envoy(self.bootstrap(), self.workdir, self.port, self.admin_port,
@@ -178,6 +196,19 @@ class Stack:
         self.started = True
         self.envoy.start()
         return self
+
+    def extproc_channel(self, index: int = 0) -> grpc.Channel:
+        """A gRPC channel straight to an ext_proc, presenting the stack's workload certificate as
+        its Envoy does (plaintext for an insecure stack)."""
+        import grpc
+
+        target = f"127.0.0.1:{self.extprocs[index].grpc_port}"
+        if self.pki is None:
+            return grpc.insecure_channel(target)
+        cert = self.pki.envoy_cert
+        creds = grpc.ssl_channel_credentials(b"".join(ca.cert_pem for ca in self.pki.trusted), cert.key_pem,
+                                             cert.cert_pem)
+        return grpc.secure_channel(target, creds)
 
     def stop(self) -> None:
         if "client" in self.__dict__:
