@@ -3,6 +3,7 @@
 Targets (same front Envoy, fresh stack per run):
   a_baseline       Envoy alone proxying to the direct_response upstream
   b_extproc        + our ext_proc, full path: auth, model routing + route-cache clear, cache mode Fallback
+  b_translated     b_extproc's route with an Anthropic provider: the OpenAI request and answer translated
   c_cache_hit      cache mode Always with a warm cache (ImmediateResponse from the request-body phase)
   e_failover       primary answers 500, the ext_proc calls the secondary itself (breaker disabled)
   e_circuit_open   primary answers 500 with the breaker enabled: once open, the primary must get 0 requests
@@ -37,6 +38,7 @@ RESULTS = Path(__file__).with_name("results")
 TARGETS: dict[str, tuple[str, str, str, str | None, tuple[str, ...]]] = {
     "a_baseline": ("front", "bench-baseline", "bench-baseline", None, ("baseline",)),
     "b_extproc": ("front", "", "bench-fallback", "extproc", ("fallback",)),
+    "b_translated": ("front", "", "bench-translated", "extproc", ("translated",)),
     "c_cache_hit": ("front", "", "bench-always", "extproc", ("always",)),
     "e_failover": ("front", "", "bench-failover", "extproc", ("fo_primary", "fo_secondary")),
     "e_circuit_open": ("front", "", "bench-open", "extproc", ("open_primary", "open_secondary")),
@@ -45,9 +47,28 @@ TARGETS: dict[str, tuple[str, str, str, str | None, tuple[str, ...]]] = {
 STREAM_TARGETS: dict[str, tuple[str, str, str | None]] = {
     "d_stream_baseline": ("front", "bench-baseline-sse", None),
     "d_stream_extproc": ("front", "", "extproc"),
+    "d_stream_translated": ("front", "", "extproc"),  # d_stream_extproc's stream, from an Anthropic provider
     "d_stream_floor": ("floor_listen", "bench-baseline-sse", "floor"),
 }
 MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor")
+
+
+STREAM_MODELS = {"d_stream_translated": "bench-stream-translated"}
+# What translation costs: each translated target against the same route untranslated.
+TRANSLATION_PAIRS = {"b_translated": ("b_extproc", ("p50_ms", "p99_ms")),
+                     "d_stream_translated": ("d_stream_extproc", ("ttfb_p50_ms", "ttfb_p99_ms", "gap_p50_ms"))}
+
+
+def translation_overhead(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each translated target's latencies minus its untranslated twin's, in ms, per connection
+    count (medians of the rounds): b_translated - b_extproc, d_stream_translated - d_stream_extproc."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, (twin, keys) in TRANSLATION_PAIRS.items():
+        for conns, s in summary.get(name, {}).items():
+            base = summary.get(twin, {}).get(conns)
+            if base:
+                out.setdefault(name, {})[conns] = {k: s[k]["median"] - base[k]["median"] for k in keys}
+    return out
 
 
 def body_for(model: str, stream: bool = False) -> str:
@@ -107,7 +128,7 @@ class Bench:
         counted: tuple[str, ...]
         if stream:
             listener, host, _ = STREAM_TARGETS[name]
-            model, counted = "bench-stream", ()
+            model, counted = STREAM_MODELS.get(name, "bench-stream"), ()
         else:
             listener, host, model, _, counted = TARGETS[name]
         roots = self.roots()
@@ -298,6 +319,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_end_mb": rss_mb(extproc_tree),
                 "processes": len(extproc_tree),
             },
+            "translation_overhead_ms": translation_overhead(summarise(cells)),
             "circuit_open_primary_requests": sum(
                 r.get("upstream_open_primary_requests", 0)
                 for rounds in cells.get("e_circuit_open", {}).values()
@@ -545,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.rounds} round(s), {args.duration:g}s per cell; ratios are to a_baseline (d_*: d_stream_baseline)"
         )
         print(table(result["summary"], args.rounds))
+        for name, by_conns in result["translation_overhead_ms"].items():
+            for conns, d in by_conns.items():
+                twin = TRANSLATION_PAIRS[name][0]
+                print(f"{name} vs {twin}, c={conns}: " + ", ".join(f"{k} {v:+.3f} ms" for k, v in d.items()))
         mem = result["extproc_memory"]
         print(
             f"\next_proc memory ({mem['processes']} processes): peak sampled RSS {mem['peak_rss_sampled_mb']:.1f} MB,"

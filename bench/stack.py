@@ -51,6 +51,20 @@ CHAT_RESPONSE = json.dumps(
     },
     separators=(",", ":"),
 )
+# The same answer as Anthropic's Messages API gives it (b_translated: an OpenAI client, an Anthropic provider).
+MESSAGE_RESPONSE = json.dumps(
+    {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "bench",
+        "content": [{"type": "text", "text": "Hello from the bench upstream."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 7},
+    },
+    separators=(",", ":"),
+)
 ERROR_RESPONSE = json.dumps({"error": {"message": "bench primary fails", "type": "server_error", "code": None}})
 
 # Upstream listeners: name -> (status, body). Each provider needs its own port (one vhost per
@@ -58,6 +72,7 @@ ERROR_RESPONSE = json.dumps({"error": {"message": "bench primary fails", "type":
 UPSTREAMS = {
     "baseline": (200, CHAT_RESPONSE),
     "fallback": (200, CHAT_RESPONSE),
+    "translated": (200, MESSAGE_RESPONSE),
     "always": (200, CHAT_RESPONSE),
     "fo_primary": (500, ERROR_RESPONSE),
     "fo_secondary": (200, CHAT_RESPONSE),
@@ -137,6 +152,28 @@ spec:
     - models: [bench-stream]
       backends: [{{provider: stream}}]
   cache: {{mode: Fallback, ttl: 1h}}
+"""
+
+TRANSLATED_CONFIG = """\
+---
+# b_translated / d_stream_translated: b_extproc's and d_stream_extproc's routes with an Anthropic
+# provider, so an OpenAI client's request and answer are translated (issue 16).
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {{name: bench-translated, namespace: bench}}
+spec:
+  timeout: 30s
+  maxRetries: 1
+  providers:
+    - {{name: translated, api: Anthropic, baseUrl: "http://127.0.0.1:{translated}/v1",
+       auth: {{type: XApiKey, env: {env}}}}}
+    - {{name: stream-translated, api: Anthropic, baseUrl: "http://127.0.0.1:{sse_translated}/v1",
+       auth: {{type: XApiKey, env: {env}}}}}
+  routes:
+    - {{models: [bench-translated], backends: [{{provider: translated}}]}}
+    - {{models: [bench-stream-translated], backends: [{{provider: stream-translated}}]}}
+  cache: {{mode: Fallback, ttl: 1h}}
+  pricing: [{{model: "bench-*", inputPerMillion: 1, outputPerMillion: 2}}]
 """
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -270,10 +307,12 @@ class Stack:
     def start(self) -> Stack:
         self.workdir = tempfile.mkdtemp(prefix="holysheep-bench-")
         work = Path(self.workdir)
-        names = [*UPSTREAMS, "upstream_admin", "sse", "floor_grpc", "floor_listen"]
+        names = [*UPSTREAMS, "upstream_admin", "sse", "sse_translated", "floor_grpc", "floor_listen"]
         self.ports = {n: free_port() for n in names}
         p = self.ports
         config = CONFIG.format(env=API_KEY_ENV, sse=p["sse"], **{k: p[k] for k in UPSTREAMS})
+        config += TRANSLATED_CONFIG.format(env=API_KEY_ENV, translated=p["translated"],
+                                           sse_translated=p["sse_translated"])
         self.front = dev_stack.Stack(
             config,
             env={API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level},
@@ -298,6 +337,11 @@ class Stack:
         self.helpers = {
             "sse": Process([sys.executable, "-m", "bench.sse_server", "--port", str(p["sse"]), "--chunks",
                             str(self.sse_chunks), "--gap-ms", str(self.sse_gap_ms)], work / "sse.log", cwd=REPO),
+            # d_stream_translated's Anthropic stream: the same server on a port of its own (one
+            # provider per authority in the front Envoy)
+            "sse_translated": Process([sys.executable, "-m", "bench.sse_server", "--port", str(p["sse_translated"]),
+                                       "--chunks", str(self.sse_chunks), "--gap-ms", str(self.sse_gap_ms)],
+                                      work / "sse-translated.log", cwd=REPO),
             "floor": Process([sys.executable, "-m", "bench.floor", "--address", f"127.0.0.1:{p['floor_grpc']}",
                               "--workers", str(self.workers), *floor_tls], work / "floor.log", cwd=REPO),
         }
@@ -311,7 +355,8 @@ class Stack:
             assert self.front.extproc.proc is not None
             p.update(grpc=self.front.extproc.grpc_port, http=self.front.extproc.http_port)
             alive = [h.proc for h in self.helpers.values()]
-            wait_until(lambda: _port_open(p["sse"]) and _port_open(p["floor_grpc"]), timeout=20,
+            wait_until(lambda: _port_open(p["sse"]) and _port_open(p["sse_translated"]) and _port_open(p["floor_grpc"]),
+                       timeout=20,
                        what="the SSE upstream and the floor", alive=alive)
             # every worker must be up before measuring: wait until the tree has them all
             from bench.procstat import tree

@@ -20,12 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL = {
     "a_baseline",
     "b_extproc",
+    "b_translated",
     "c_cache_hit",
     "e_failover",
     "e_circuit_open",
     "f_floor",
     "d_stream_baseline",
     "d_stream_extproc",
+    "d_stream_translated",
     "d_stream_floor",
 }
 MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor")
@@ -70,6 +72,10 @@ def test_smoke_run_is_well_formed(tmp_path: Path) -> None:
     # the ext_proc did the work: providers picked, and the warm cache answered in Always mode
     assert result["sanity"]["b_extproc"]["provider"] == "fallback"
     assert result["sanity"]["e_failover"]["provider"] == "fo-secondary"
+    # b_translated: an OpenAI client answered by an Anthropic provider, through the translation
+    assert result["sanity"]["b_translated"]["status"] == 200 and summary["b_translated"]["2"]["non2xx"] == 0
+    assert result["sanity"]["b_translated"]["provider"] == "translated"
+    assert set(result["translation_overhead_ms"]) == {"b_translated", "d_stream_translated"}
     assert summary["e_failover"]["2"]["upstream_fo_primary_requests"] > 0  # every request tried the primary
     assert summary["c_cache_hit"]["2"]["upstream_always_requests"] == 0  # every request served from the cache
     assert result["circuit_open_primary_requests"] == 0
