@@ -656,3 +656,41 @@ def test_the_install_gives_the_ext_proc_a_trustworthy_xfcc() -> None:
     assert peer["spec"]["mtls"]["mode"] == "STRICT"
     assert peer["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert peer["spec"].get("portLevelMtls", {}).get("9002", {"mode": "STRICT"})["mode"] == "STRICT"
+
+
+# --- the command line: the identity flags' combinations --------------------------------------------
+
+def _extproc(*flags: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    config = tmp / "config.yaml"
+    config.write_text("apiVersion: holysheep.ai/v1\nkind: HolySheepConfig\nmetadata: {name: a}\n"
+                      "spec: {baseUrl: 'https://api.example/v1'}\n")
+    return subprocess.run([sys.executable, "-m", "extproc.cli", "extproc", "--config", str(config), "--workers", "1",
+                           *flags], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--tls-cert", "c", "--tls-key", "k"), "--tls-cert, --tls-key and --client-ca go together"),
+    (("--client-ca", "ca"), "--tls-cert, --tls-key and --client-ca go together"),
+    (("--identity-from", "xfcc", "--insecure-no-identity"), "--identity-from xfcc and --insecure-no-identity exclude"),
+    (("--tls-cert", "c", "--tls-key", "k", "--client-ca", "ca", "--identity-from", "xfcc"), "exclude each other"),
+    (("--tls-cert", "/nonexistent/tls.crt", "--tls-key", "k", "--client-ca", "ca"), "/nonexistent/tls.crt"),
+])
+def test_identity_flags_that_cannot_work_stop_the_command(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
+    done = _extproc(*flags, tmp=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_key_that_is_not_the_certificates_is_named_not_quoted(tmp_path: Path, ca: CertificateAuthority) -> None:
+    cert, other = ca.server(), ca.server()
+    cert.write(str(tmp_path / "tls.crt"), str(tmp_path / "unused.key"))
+    other.write(str(tmp_path / "other.crt"), str(tmp_path / "tls.key"))
+    write_atomic(str(tmp_path / "ca.crt"), ca.cert_pem)
+    done = _extproc("--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"),
+                    "--client-ca", str(tmp_path / "ca.crt"), tmp=tmp_path)
+    assert done.returncode == 2
+    assert f"{tmp_path / 'tls.key'} is not the key of {tmp_path / 'tls.crt'}" in done.stderr
+    assert "PRIVATE KEY" not in done.stderr
