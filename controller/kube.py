@@ -53,9 +53,14 @@ SERVICEENTRIES = Resource("networking.istio.io", "v1", "serviceentries", "Servic
 DESTINATIONRULES = Resource("networking.istio.io", "v1", "destinationrules", "DestinationRule")
 VIRTUALSERVICES = Resource("networking.istio.io", "v1", "virtualservices", "VirtualService")
 ENVOYFILTERS = Resource("networking.istio.io", "v1alpha3", "envoyfilters", "EnvoyFilter")
+GATEWAYS = Resource("networking.istio.io", "v1", "gateways", "Gateway")
+AUTHORIZATIONPOLICIES = Resource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy")
 
-# Every kind the controller generates, in apply order (config before the objects that use it).
-GENERATED = (CONFIGMAPS, SERVICEENTRIES, DESTINATIONRULES, VIRTUALSERVICES, ENVOYFILTERS)
+# Every kind the controller generates, in apply order (config before the objects that use it;
+# the ext_proc's ALLOW before the EnvoyFilter that makes proxies call it).
+GENERATED = (
+    CONFIGMAPS, SERVICEENTRIES, DESTINATIONRULES, VIRTUALSERVICES, GATEWAYS, AUTHORIZATIONPOLICIES, ENVOYFILTERS,
+)
 BY_KIND = {r.kind: r for r in GENERATED}
 
 

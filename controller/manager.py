@@ -96,7 +96,9 @@ class Manager:
 
     def _resync(self) -> None:
         while not self._work_stop.wait(self.config.resync_seconds):
-            for key in self.informer.keys():
+            # Plus configs that only left objects in other namespaces behind (deleted while no
+            # controller ran): their reconcile finds no CR and prunes those.
+            for key in set(self.informer.keys()) | self.reconciler.remote_keys(self.config.namespace):
                 self._enqueue(key, "resync")
 
     def _worker(self) -> None:

@@ -16,7 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import naming, status
-from controller.kube import EVENTS, GENERATED, HOLYSHEEPCONFIGS, SECRETS, Forbidden, Kube, NotFound, Resource
+from controller.kube import (
+    AUTHORIZATIONPOLICIES,
+    ENVOYFILTERS,
+    EVENTS,
+    GENERATED,
+    HOLYSHEEPCONFIGS,
+    SECRETS,
+    Forbidden,
+    Kube,
+    KubeError,
+    NotFound,
+    Resource,
+)
 from controller.render import RenderOptions, render_config
 from protos.spec import ConfigError, HolySheepConfig, parse_document
 
@@ -137,9 +149,42 @@ class Reconciler:
                 check.missing.append(secret)
         return check
 
-    def _live(self, res: Resource, namespace: str, name: str) -> dict[str, dict[str, Any]]:
-        listing = self.kube.list(res, namespace, naming.label_selector(name))
-        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
+    def _live(self, res: Resource, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """This config's live objects of one kind, by (namespace, name). Most live in the CR's
+        namespace; AuthorizationPolicies in the ext_proc's (listed only there: its Role is all
+        the controller may touch of them), a gateway's EnvoyFilter in the gateway's namespace
+        (found cluster-wide by the config-namespace label, so a gateway that moved is pruned)."""
+        where: list[tuple[str | None, str, str | None]] = [
+            (self.options.extproc_namespace if res is AUTHORIZATIONPOLICIES else namespace, name, None)]
+        if res is ENVOYFILTERS:
+            where.append((None, name, namespace))
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for list_ns, config, config_ns in where:
+            for item in self.kube.list(res, list_ns, naming.label_selector(config, config_ns)).get("items", []):
+                # Another namespace's config of the same name labels its objects here too.
+                if naming.config_namespace_of(item) == namespace:
+                    found[(item["metadata"]["namespace"], item["metadata"]["name"])] = item
+        return found
+
+    def remote_keys(self, namespace: str | None = None) -> set[str]:
+        """Configs (``<namespace>/<name>``, within ``namespace`` if given) that own objects in
+        other namespaces. The resync reconciles them too: a config deleted while no controller
+        ran leaves no key in the informer, and its policy and gateway filter have no owner the
+        garbage collector would follow."""
+        keys: set[str] = set()
+        where = ((AUTHORIZATIONPOLICIES, self.options.extproc_namespace), (ENVOYFILTERS, None))
+        for res, list_ns in where:
+            try:
+                items = self.kube.list(res, list_ns, naming.MANAGED_SELECTOR).get("items", [])
+            except KubeError as exc:
+                log.warning("cannot list generated objects", extra={"kind": res.kind, "error": str(exc)})
+                continue
+            for item in items:
+                labels = item["metadata"].get("labels") or {}
+                config_ns, config = labels.get(naming.CONFIG_NAMESPACE_LABEL), labels.get(naming.CONFIG_LABEL)
+                if config_ns and config and namespace in (None, config_ns):
+                    keys.add(f"{config_ns}/{config}")
+        return keys
 
     def _apply_and_prune(
         self,
@@ -151,12 +196,13 @@ class Reconciler:
     ) -> None:
         owner = owner_reference(cr)
         for obj in desired:
-            obj["metadata"]["ownerReferences"] = [owner]
+            if obj["metadata"]["namespace"] == cfg.namespace:  # references cannot cross namespaces
+                obj["metadata"]["ownerReferences"] = [owner]
         for res in GENERATED:
             live = self._live(res, cfg.namespace, cfg.name)
             wanted = [o for o in desired if o["kind"] == res.kind]
             for obj in wanted:
-                why = _drift(obj, live.get(obj["metadata"]["name"]))
+                why = _drift(obj, live.get((obj["metadata"]["namespace"], obj["metadata"]["name"])))
                 if why is None:
                     continue
                 self._guard()
@@ -166,36 +212,39 @@ class Reconciler:
                     extra={
                         "config": f"{cfg.namespace}/{cfg.name}",
                         "kind": res.kind,
+                        "namespace": obj["metadata"]["namespace"],
                         "object": obj["metadata"]["name"],
                         "reason": why,
                         "trigger": trigger,
                         "generation": generation,
                     },
                 )
-            names = {o["metadata"]["name"] for o in wanted}
-            for stale_name, stale in live.items():
-                if stale_name not in names:
-                    self._delete(
-                        res, cfg.namespace, stale, f"{cfg.namespace}/{cfg.name}", "no longer desired"
-                    )
+            keys = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in wanted}
+            for key, stale in live.items():
+                if key not in keys:
+                    self._delete(res, stale, f"{cfg.namespace}/{cfg.name}", "no longer desired")
 
-    def _delete(self, res: Resource, namespace: str, obj: dict[str, Any], config: str, why: str) -> None:
+    def _delete(self, res: Resource, obj: dict[str, Any], config: str, why: str) -> None:
         self._guard()
+        meta = obj["metadata"]
         try:
-            self.kube.delete(res, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
+            self.kube.delete(res, meta["namespace"], meta["name"], meta.get("uid"))
         except NotFound:
             pass  # already gone: the outcome we wanted
         log.info(
             "pruned",
-            extra={"config": config, "kind": res.kind, "object": obj["metadata"]["name"], "reason": why},
+            extra={"config": config, "kind": res.kind, "namespace": meta["namespace"], "object": meta["name"],
+                   "reason": why},
         )
 
     def _cleanup(self, namespace: str, name: str) -> None:
         # The garbage collector would also do this through the ownerReferences; doing it here
-        # makes deletion prompt and independent of GC (and of foreground/orphan policies).
-        for res in GENERATED:
+        # makes deletion prompt and independent of GC (and of foreground/orphan policies), and
+        # it is the only cleanup of the objects in other namespaces. Users before what they use:
+        # the EnvoyFilter goes before the AuthorizationPolicy that lets its proxies call.
+        for res in reversed(GENERATED):
             for obj in self._live(res, namespace, name).values():
-                self._delete(res, namespace, obj, f"{namespace}/{name}", "config deleted")
+                self._delete(res, obj, f"{namespace}/{name}", "config deleted")
 
     def _write_status(self, cr: dict[str, Any], new: dict[str, Any]) -> None:
         old = cr.get("status") or {}

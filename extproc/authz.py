@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from extproc.gateway_identity import egress_denial
 from extproc.spiffe import WorkloadIdentity
 from protos.scope import service_account_matches, service_account_pattern_problem
 from protos.spec import HolySheepConfig
@@ -57,8 +58,10 @@ def in_scope(identity: WorkloadIdentity, config_namespace: str, service_accounts
 
 def config_denial(identity: WorkloadIdentity, config: HolySheepConfig,
                   root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> str | None:
-    """``denial`` for a parsed config (its ``metadata.namespace`` and ``spec.serviceAccounts``)."""
-    return denial(identity, config.namespace, config.service_accounts, root_namespace)
+    """``denial`` for a parsed config (its ``metadata.namespace`` and ``spec.serviceAccounts``),
+    and in Gateway mode only for a caller its egress gateway relayed (extproc/gateway_identity.py)."""
+    scope = denial(identity, config.namespace, config.service_accounts, root_namespace)
+    return scope or egress_denial(identity, config)
 
 
 def scope_denial(identity: WorkloadIdentity, configs: Iterable[HolySheepConfig],
@@ -71,7 +74,7 @@ def scope_denial(identity: WorkloadIdentity, configs: Iterable[HolySheepConfig],
         found = config_denial(identity, config, root_namespace)
         if found is None:
             return None
-        if found == SERVICE_ACCOUNT_NOT_LISTED:
+        if found != OUT_OF_NAMESPACE:  # the more specific reason (service_account, not_via_gateway)
             reason = found
     return reason
 

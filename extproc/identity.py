@@ -19,15 +19,17 @@ Two steps, so nothing a caller writes into a stream decides who it is:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from extproc import spiffe
 from extproc.attributes import RequestInfo, attributes, text
+from extproc.gateway_identity import calling_workload
 from extproc.spiffe import IdentityError, WorkloadIdentity
 from protos.messages import ProcessingRequest
+from protos.spec import HolySheepConfig
 
 MAX_TENANT_CHARS = 256
 # The workload label is a Deployment-like name a caller may choose inside its own namespace:
@@ -82,13 +84,16 @@ def workload_label(identity: WorkloadIdentity, name: str) -> str:
     return name
 
 
-def authenticated_caller(identity: WorkloadIdentity) -> Identify:
-    """The Identify of a stream whose transport named ``identity``."""
+def authenticated_caller(identity: WorkloadIdentity, configs: Sequence[HolySheepConfig] = ()) -> Identify:
+    """The Identify of a stream whose transport named ``identity``; when that is the egress
+    gateway of a Gateway-mode config, the caller is the workload it relays (extproc/gateway_identity.py)."""
 
     def identify(req: ProcessingRequest, info: RequestInfo, tenant_header: str) -> Caller:
-        name = text(attributes(req), "xds.node.metadata.WORKLOAD_NAME")
-        return Caller(namespace=identity.namespace, workload=workload_label(identity, name),
-                      service_account=identity.service_account, identity=identity)
+        attrs = attributes(req)
+        caller = calling_workload(identity, attrs, configs)
+        name = text(attrs, "xds.node.metadata.WORKLOAD_NAME")
+        return Caller(namespace=caller.namespace, workload=workload_label(caller, name),
+                      service_account=caller.service_account, identity=caller)
 
     return identify
 

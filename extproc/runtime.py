@@ -18,6 +18,7 @@ from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
 from extproc.routing import RouteTable
 from extproc.shared_state import breaker_slot
+from extproc.spiffe import XFCC_HEADER
 from extproc.translated import adapter_for
 from protos.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
 
@@ -83,7 +84,9 @@ class Runtime:
                 else:
                     breaker = CircuitBreaker(spec.name, cfg.circuit_breaker, timeout, breaker_slot(spec.name))
                 adapter = adapter_for(spec, credentials)  # translating when spec.api is not every client's
-                remove = headers_to_remove(spec.auth, credential_headers)
+                # An egress gateway describes the app's certificate in x-forwarded-client-cert
+                # (Istio's gateway default, SANITIZE_SET): internal, never for a provider.
+                remove = [*headers_to_remove(spec.auth, credential_headers), XFCC_HEADER]
                 provider = Provider(spec, cfg, breaker, timeout, adapter, remove)
                 self.providers[spec.name] = provider
                 self.by_authority.setdefault(spec.authority, provider)

@@ -44,7 +44,8 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                 identity = self.plane.authenticate(context)
             except IdentityError as exc:
                 await _refuse(context, exc.reason, str(exc), f"peer {context.peer()}")
-            identify = authenticated_caller(identity) if identity is not None else caller_from_node_metadata
+            configs = self.plane.runtime.configs if self.plane.runtime is not None else ()
+            identify = authenticated_caller(identity, configs) if identity is not None else caller_from_node_metadata
             proc: Processor = RequestProcessor(
                 self.plane.runtime, self.plane.upstream, self.plane.spawn, identify=identify,
                 root_namespace=self.plane.options.root_namespace,

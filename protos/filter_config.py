@@ -40,10 +40,17 @@ REQUEST_ATTRIBUTES = (
     "xds.node.metadata.WORKLOAD_NAME",
     "xds.node.metadata.NAME",
 )
+# Gateway mode: the egress gateway's node metadata describes the gateway, not the caller; the
+# caller is the downstream peer certificate's URI SAN (the sidecar's mesh mTLS identity), which
+# the ext_proc trusts only from the gateway's own authenticated identity (extproc/gateway_identity.py).
+PEER_URI_SAN_ATTRIBUTE = "connection.uri_san_peer_certificate"
+GATEWAY_REQUEST_ATTRIBUTES = (PEER_URI_SAN_ATTRIBUTE,)
 
 
-def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool = True) -> dict[str, Any]:
-    """The HttpFilter entry. Disabled by default: only provider routes turn it on per route."""
+def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool = True,
+                    request_attributes: Sequence[str] = REQUEST_ATTRIBUTES) -> dict[str, Any]:
+    """The HttpFilter entry. Disabled by default: only provider routes turn it on per route.
+    ``request_attributes``: GATEWAY_REQUEST_ATTRIBUTES for the egress gateway's filter."""
     config: dict[str, Any] = {
         "@type": EXT_PROC_TYPE,
         "grpc_service": {
@@ -73,7 +80,7 @@ def ext_proc_filter(cluster_name: str, message_timeout: float, *, disabled: bool
         "max_message_timeout": proto_duration(max(message_timeout, 1.0)),
         "allow_mode_override": True,
         "processing_mode": dict(PROCESSING_MODE),
-        "request_attributes": list(REQUEST_ATTRIBUTES),
+        "request_attributes": list(request_attributes),
         "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
     }
     entry: dict[str, Any] = {"name": FILTER_NAME, "typed_config": config}

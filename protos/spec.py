@@ -62,6 +62,7 @@ KIND = "HolySheepConfig"
 
 AUTH_TYPES = ("Bearer", "XApiKey", "ApiKey", "Header")
 CACHE_MODES = ("Off", "Fallback", "Always")
+EGRESS_MODES = ("Sidecar", "Gateway")
 BUDGET_PER = ("ServiceAccount", "Namespace", "Shared")
 MAX_BUDGETS = 100  # per config; bounds the CEL rules' cost estimate (protos/schema.py Arr)
 
@@ -256,6 +257,33 @@ class WorkloadSelectorSpec:
 
 
 @model(rules=(
+    Rule("!has(self.selector) || size(self.selector) > 0", "selector needs at least one label",
+         check=lambda f: bool(f["selector"])),
+))
+class EgressGatewaySpec:
+    """The Istio egress gateway of Gateway mode; the defaults are Istio's own gateway's."""
+
+    namespace: str = field(Str(DNS_LABEL, "a namespace name", max_length=63), default="istio-system", description=(
+        "The egress gateway's namespace (its EnvoyFilter goes there)."))
+    service: str = field(Str(DNS_LABEL, "a Service name", max_length=63), default="istio-egressgateway", description=(
+        "The egress gateway's Service, in that namespace: sidecars send the providers' hosts to its port 80."))
+    selector: Mapping[str, str] = field(Map(Str()), default={"istio": "egressgateway"}, description=(
+        "Labels of the egress gateway's pods (the Gateway's selector and the EnvoyFilter's workloadSelector)."))
+    service_account: str = field(
+        Str(DNS_SUBDOMAIN, "a service account name", max_length=253), default="istio-egressgateway-service-account",
+        description="The egress gateway's service account: the only caller the ext_proc admits in Gateway mode.")
+
+
+@model
+class EgressSpec:
+    mode: str = field(Enum(*EGRESS_MODES), default="Sidecar", description=(
+        "Sidecar: each app's sidecar calls the ext_proc and the provider. Gateway: sidecars send the providers' "
+        "hosts over mesh mTLS to the egress gateway, which alone calls the ext_proc and holds the credentials."))
+    gateway: EgressGatewaySpec = field(Obj(EgressGatewaySpec), default_factory=EgressGatewaySpec, description=(
+        "The egress gateway (Gateway mode)."))
+
+
+@model(rules=(
     Rule(
         "has(self.requests) || has(self.tokens) || has(self.costUsd)", "needs a limit: requests, tokens or costUsd",
         check=lambda f: any(f[k] is not None for k in ("requests", "tokens", "cost_usd")),
@@ -365,6 +393,8 @@ class HolySheepConfig:
         "Prices for the cost metrics; the first matching entry wins."))
     workload_selector: WorkloadSelectorSpec | None = field(Obj(WorkloadSelectorSpec), default=None, description=(
         "Workloads the EnvoyFilter applies to (default: every sidecar in reach); ignored by the data plane."))
+    egress: EgressSpec = field(Obj(EgressSpec), default_factory=EgressSpec, description=(
+        "How requests leave the mesh: from each sidecar (Sidecar) or through an Istio egress gateway (Gateway)."))
     budgets: tuple[BudgetSpec, ...] = field(
         Arr(Obj(BudgetSpec), key="name", noun="budget", max_items=MAX_BUDGETS), default_factory=tuple, description=(
             "Request, token and cost limits per caller identity and fixed window; a request over any is refused "

@@ -154,6 +154,9 @@ def test_create_applies_owned_objects_and_reports_ready(kapi: Running, user: Kub
         "ServiceEntry": {"holysheep-production-cluster-api-holysheep-ai"},
         "DestinationRule": {"holysheep-production-cluster-api-holysheep-ai"},
         "VirtualService": {"holysheep-production-cluster-api-holysheep-ai"},
+        "Gateway": set(),  # Gateway mode only
+        # The ext_proc's namespace is this CR's own here (see test_controller_authz for the others).
+        "AuthorizationPolicy": {"holysheep-holysheep-system.production-cluster"},
         "EnvoyFilter": {"holysheep-production-cluster"},
     }
     for res in GENERATED:
@@ -193,7 +196,7 @@ def test_create_applies_owned_objects_and_reports_ready(kapi: Running, user: Kub
     applies = [
         r for r in api.writes("holysheep-mesh/a") if r.method.value == "PATCH" and r.subresource is None
     ]
-    assert len(applies) == 5
+    assert len(applies) == 6
     for r in applies:
         assert r.headers["Content-Type"] == "application/apply-patch+yaml"
         assert r.params["fieldManager"] == "holysheep-mesh" and r.params["force"] == "true"
@@ -394,7 +397,7 @@ def test_the_seed_converges_in_one_reconcile_with_info_logging(
     ]
     applies = [r for r in sent[:first_status] if r.method.value == "PATCH"]
     assert len(reconciles) == 1, f"{len(reconciles)} reconciles before the CR was Ready"
-    assert len(applies) == 5
+    assert len(applies) == 6
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     applied = {(r.__dict__["kind"], r.__dict__["object"]) for r in caplog.records if r.getMessage() == "applied"}
     live = managed(user, "holysheep-system", "production-cluster")

@@ -126,7 +126,7 @@ def test_seed_example_exactly_as_written_is_accepted() -> None:
     parse_document(doc)
 
 
-@pytest.mark.parametrize("name", ["render_seed.yaml", "render_three_providers.yaml"])
+@pytest.mark.parametrize("name", ["render_seed.yaml", "render_three_providers.yaml", "render_gateway.yaml"])
 def test_examples_are_accepted(name: str) -> None:
     doc = yaml.safe_load((FIXTURES / name).read_text())
     jsonschema.validate(doc, schema())
@@ -544,3 +544,66 @@ def test_provider_api_rule_for_the_api_server() -> None:
     ]
     assert [k for k in providers["properties"] if k in ("api", "passThrough", "anthropicVersion", "maxTokens")] == [
         "api", "passThrough", "anthropicVersion", "maxTokens"]
+
+
+# --- spec.egress (Gateway mode) ------------------------------------------------------------------
+
+
+def _with_egress(egress: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((FIXTURES / "render_three_providers.yaml").read_text())
+    doc["spec"]["egress"] = egress
+    return doc
+
+
+def test_egress_is_accepted_and_defaulted_alike() -> None:
+    """Istio's own egress gateway by default, filled in the same by the parser and the API server."""
+    gateway = {"namespace": "istio-system", "service": "istio-egressgateway", "selector": {"istio": "egressgateway"},
+               "serviceAccount": "istio-egressgateway-service-account"}
+    doc = _with_egress({"mode": "Gateway", "gateway": {}})
+    jsonschema.validate(doc, schema())
+    cfg = parse_document(copy.deepcopy(doc))
+    assert cfg.egress.mode == "Gateway"
+    assert (cfg.egress.gateway.namespace, cfg.egress.gateway.service, dict(cfg.egress.gateway.selector),
+            cfg.egress.gateway.service_account) == tuple(gateway.values())
+    assert crd.apply_defaults(doc["spec"])["egress"] == {"mode": "Gateway", "gateway": gateway}
+    bare = yaml.safe_load((FIXTURES / "render_three_providers.yaml").read_text())
+    assert parse_document(bare).egress.mode == "Sidecar"  # the default
+    assert "egress" not in crd.apply_defaults(bare["spec"])  # absent stays absent
+    custom = _with_egress({"mode": "Gateway", "gateway": {"namespace": "egress", "selector": {"app": "gw"}}})
+    jsonschema.validate(custom, schema())
+    assert parse_document(custom).egress.gateway.selector == {"app": "gw"}  # replaces, never merges
+
+
+EGRESS_ERRORS = [
+    ({"mode": "Egress"}, "spec.egress.mode: must be one of Sidecar, Gateway, got 'Egress'", True),
+    ({"mode": "Gateway", "gateway": {"namespace": "Istio_System"}},
+     "spec.egress.gateway.namespace: 'Istio_System' is not valid: a namespace name", True),
+    ({"mode": "Gateway", "gateway": {"serviceAccount": "gw/sa"}},
+     "spec.egress.gateway.serviceAccount: 'gw/sa' is not valid: a service account name", True),
+    ({"mode": "Gateway", "gateway": {"selector": {"istio": ""}}},
+     "spec.egress.gateway.selector.istio: must be a non-empty string, got string", True),
+    ({"mode": "Gateway", "gateway": {"port": 80}},
+     "spec.egress.gateway.port: unknown field (allowed: namespace, selector, service, serviceAccount)", True),
+    # An empty selector would select no gateway (or, for some tools, every workload): the CEL rule.
+    ({"mode": "Gateway", "gateway": {"selector": {}}}, "spec.egress.gateway: selector needs at least one label", False),
+]
+
+
+@pytest.mark.parametrize(("egress", "message", "schema_rejects"), EGRESS_ERRORS,
+                         ids=[m.split(": ", 1)[0] for _, m, _ in EGRESS_ERRORS])
+def test_invalid_egress_names_the_field(egress: dict[str, Any], message: str, schema_rejects: bool) -> None:
+    doc = _with_egress(egress)
+    with pytest.raises(ConfigError) as exc:
+        parse_document(copy.deepcopy(doc))
+    assert str(exc.value) == f"document 0 (apps/multi): {message}"
+    if schema_rejects:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schema())
+    else:
+        jsonschema.validate(doc, schema())  # the API server's CEL rule, pinned below, refuses it
+
+
+def test_egress_rule_for_the_api_server() -> None:
+    gateway = schema()["properties"]["spec"]["properties"]["egress"]["properties"]["gateway"]
+    assert gateway["x-kubernetes-validations"] == [
+        {"rule": "!has(self.selector) || size(self.selector) > 0", "message": "selector needs at least one label"}]

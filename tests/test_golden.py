@@ -20,6 +20,7 @@ INPUTS = [
     "mesh/samples/production-cluster.yaml",
     "tests/fixtures/render_seed.yaml",
     "tests/fixtures/render_three_providers.yaml",
+    "tests/fixtures/render_gateway.yaml",
 ]
 
 

