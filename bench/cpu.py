@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("fallback", "stream", "hit")
+SCENARIOS = ("fallback", "stream", "hit", "unbudgeted", "budget")  # the last two: bench targets g_*
 API_KEY = "sk-bench-cpu-0001"
 
 
@@ -61,7 +61,8 @@ def _messages(scenario: str, chunks: int, workload: bool) -> list[bytes]:
         hm = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])
         return pb.HttpHeaders(headers=hm, end_of_stream=end_of_stream)
 
-    model = {"fallback": "bench-fallback", "stream": "bench-stream", "hit": "bench-always"}[scenario]
+    model = {"fallback": "bench-fallback", "stream": "bench-stream", "hit": "bench-always",
+             "unbudgeted": "bench-unbudgeted", "budget": "bench-budget-memory"}[scenario]
     body = body_for(model, stream=scenario == "stream").encode()
     # Envoy sends the attributes the filter asks for (protos.filter_config.REQUEST_ATTRIBUTES);
     # without node metadata (the bench's front Envoy) the struct has no fields.

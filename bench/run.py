@@ -8,6 +8,9 @@ Targets (same front Envoy, fresh stack per run):
   e_failover       primary answers 500, the ext_proc calls the secondary itself (breaker disabled)
   e_circuit_open   primary answers 500 with the breaker enabled: once open, the primary must get 0 requests
   f_floor          a do-nothing ext_proc (empty "continue" to every message): the gRPC round-trip floor
+  g_unbudgeted     a route with the cache off and no budget: what the g_budget_* rows are compared with
+  g_budget_memory  the same route with a budget (requests + tokens) in the replica's memory table
+  g_budget_redis   the same route with its budget in Redis (one EVALSHA per request, usage written after)
   d_stream_*       SSE upstream (several chunks, fixed gaps): time to first byte and gaps between chunks,
                    Envoy alone (baseline), via our ext_proc, via the floor
 """
@@ -43,6 +46,9 @@ TARGETS: dict[str, tuple[str, str, str, str | None, tuple[str, ...]]] = {
     "e_failover": ("front", "", "bench-failover", "extproc", ("fo_primary", "fo_secondary")),
     "e_circuit_open": ("front", "", "bench-open", "extproc", ("open_primary", "open_secondary")),
     "f_floor": ("floor_listen", "", "bench-floor", "floor", ("baseline",)),
+    "g_unbudgeted": ("front", "", "bench-unbudgeted", "extproc", ("unbudgeted",)),
+    "g_budget_memory": ("front", "", "bench-budget-memory", "extproc", ("budget_memory",)),
+    "g_budget_redis": ("front", "", "bench-budget-redis", "extproc", ("budget_redis",)),
 }
 STREAM_TARGETS: dict[str, tuple[str, str, str | None]] = {
     "d_stream_baseline": ("front", "bench-baseline-sse", None),
@@ -50,7 +56,8 @@ STREAM_TARGETS: dict[str, tuple[str, str, str | None]] = {
     "d_stream_translated": ("front", "", "extproc"),  # d_stream_extproc's stream, from an Anthropic provider
     "d_stream_floor": ("floor_listen", "bench-baseline-sse", "floor"),
 }
-MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor")
+MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor", "g_unbudgeted",
+               "g_budget_memory", "g_budget_redis")
 
 
 STREAM_MODELS = {"d_stream_translated": "bench-stream-translated"}
@@ -109,6 +116,7 @@ class Bench:
                             "status": resp.status,
                             "provider": resp.headers.get("x-holysheep-provider"),
                             "cache": resp.headers.get("x-holysheep-cache"),
+                            "remaining_requests": resp.headers.get("x-ratelimit-remaining-requests"),
                         }
                 except urllib.error.HTTPError as exc:
                     out[name] = {"status": exc.code, "body": exc.read()[:300].decode(errors="replace")}
@@ -196,6 +204,19 @@ def summarise(cells: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, di
                 if k in s and k in base and base[k]["median"]:
                     ratios[k] = s[k]["median"] / base[k]["median"]
             s["vs_baseline"] = ratios
+    return out
+
+
+def budget_overhead(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """What a budget costs: each g_budget_* row's p50 and p99 minus g_unbudgeted's, in ms, per
+    connection count (medians of the rounds)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in ("g_budget_memory", "g_budget_redis"):
+        for conns, s in summary.get(name, {}).items():
+            base = summary.get("g_unbudgeted", {}).get(conns)
+            if base:
+                out.setdefault(name, {})[conns] = {
+                    k: s[k]["median"] - base[k]["median"] for k in ("p50_ms", "p99_ms")}
     return out
 
 
@@ -319,6 +340,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_end_mb": rss_mb(extproc_tree),
                 "processes": len(extproc_tree),
             },
+            "budget_overhead_ms": budget_overhead(summarise(cells)),
             "translation_overhead_ms": translation_overhead(summarise(cells)),
             "circuit_open_primary_requests": sum(
                 r.get("upstream_open_primary_requests", 0)
@@ -567,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.rounds} round(s), {args.duration:g}s per cell; ratios are to a_baseline (d_*: d_stream_baseline)"
         )
         print(table(result["summary"], args.rounds))
+        for name, by_conns in result["budget_overhead_ms"].items():
+            for conns, d in by_conns.items():
+                print(f"{name} vs g_unbudgeted, c={conns}: p50 {d['p50_ms']:+.3f} ms, p99 {d['p99_ms']:+.3f} ms")
         for name, by_conns in result["translation_overhead_ms"].items():
             for conns, d in by_conns.items():
                 twin = TRANSLATION_PAIRS[name][0]

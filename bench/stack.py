@@ -29,7 +29,7 @@ from typing import Any
 
 from extproc.dev import stack as dev_stack
 from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER
-from extproc.dev.processes import Envoy, Process, free_port, http_get, wait_until
+from extproc.dev.processes import Envoy, Process, RedisServer, free_port, http_get, wait_until
 from protos.filter_config import ext_proc_filter
 
 REPO = Path(__file__).resolve().parents[1]  # `python -m bench.floor` etc. run from the checkout
@@ -78,6 +78,10 @@ UPSTREAMS = {
     "fo_secondary": (200, CHAT_RESPONSE),
     "open_primary": (500, ERROR_RESPONSE),
     "open_secondary": (200, CHAT_RESPONSE),
+    # g_*: the same route without a budget, with one in the memory store, with one in Redis
+    "unbudgeted": (200, CHAT_RESPONSE),
+    "budget_memory": (200, CHAT_RESPONSE),
+    "budget_redis": (200, CHAT_RESPONSE),
 }
 
 API_KEY_ENV = "HOLYSHEEP_BENCH_KEY"
@@ -152,6 +156,46 @@ spec:
     - models: [bench-stream]
       backends: [{{provider: stream}}]
   cache: {{mode: Fallback, ttl: 1h}}
+---
+# g_*: one route three times, cache off (so only the budget differs): no budget, a budget in the
+# replica's memory table, a budget in Redis. The limits are never reached; every request is
+# admitted (requests) and its usage charged (tokens), the work a budgeted route always does.
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {{name: bench-unbudgeted, namespace: bench}}
+spec:
+  timeout: 10s
+  providers:
+    - {{name: unbudgeted, baseUrl: "http://127.0.0.1:{unbudgeted}/v1", auth: {{type: Bearer, env: {env}}}}}
+  routes: [{{models: [bench-unbudgeted], backends: [{{provider: unbudgeted}}]}}]
+  cache: {{mode: "Off"}}
+  pricing: [{{model: "bench-*", inputPerMillion: 1, outputPerMillion: 2}}]
+---
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {{name: bench-budget-memory, namespace: bench}}
+spec:
+  timeout: 10s
+  providers:
+    - {{name: budget-memory, baseUrl: "http://127.0.0.1:{budget_memory}/v1", auth: {{type: Bearer, env: {env}}}}}
+  routes: [{{models: [bench-budget-memory], backends: [{{provider: budget-memory}}]}}]
+  cache: {{mode: "Off"}}
+  pricing: [{{model: "bench-*", inputPerMillion: 1, outputPerMillion: 2}}]
+  budgets:
+    - {{name: bench-memory, window: 1h, requests: 1000000000000, tokens: 1000000000000000}}
+---
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {{name: bench-budget-redis, namespace: bench}}
+spec:
+  timeout: 10s
+  providers:
+    - {{name: budget-redis, baseUrl: "http://127.0.0.1:{budget_redis}/v1", auth: {{type: Bearer, env: {env}}}}}
+  routes: [{{models: [bench-budget-redis], backends: [{{provider: budget-redis}}]}}]
+  cache: {{mode: "Off", redisUrl: "redis://127.0.0.1:{redis}/0"}}
+  pricing: [{{model: "bench-*", inputPerMillion: 1, outputPerMillion: 2}}]
+  budgets:
+    - {{name: bench-redis, window: 1h, requests: 1000000000000, tokens: 1000000000000000}}
 """
 
 TRANSLATED_CONFIG = """\
@@ -291,6 +335,7 @@ class Stack:
     front: dev_stack.Stack | None = None
     upstream: Envoy | None = None
     helpers: dict[str, Process] = field(default_factory=dict)
+    redis: RedisServer | None = None  # the g_budget_redis target's
 
     @property
     def procs(self) -> dict[str, Any]:
@@ -310,7 +355,8 @@ class Stack:
         names = [*UPSTREAMS, "upstream_admin", "sse", "sse_translated", "floor_grpc", "floor_listen"]
         self.ports = {n: free_port() for n in names}
         p = self.ports
-        config = CONFIG.format(env=API_KEY_ENV, sse=p["sse"], **{k: p[k] for k in UPSTREAMS})
+        self.redis = RedisServer()
+        config = CONFIG.format(env=API_KEY_ENV, sse=p["sse"], redis=self.redis.port, **{k: p[k] for k in UPSTREAMS})
         config += TRANSLATED_CONFIG.format(env=API_KEY_ENV, translated=p["translated"],
                                            sse_translated=p["sse_translated"])
         self.front = dev_stack.Stack(
@@ -349,6 +395,7 @@ class Stack:
             self.upstream = Envoy(upstream_bootstrap(p, p["upstream_admin"]), work, None, p["upstream_admin"],
                                   name="upstream", concurrency=1, log_level="error")
             self.upstream.start()
+            self.redis.start()
             for helper in self.helpers.values():
                 helper.start()
             self.front.start()  # the ext_proc (ready), then the front Envoy (ready)
@@ -387,6 +434,8 @@ class Stack:
             helper.stop(grace=10)
         if self.upstream is not None:
             self.upstream.stop()
+        if self.redis is not None:
+            self.redis.kill()
         if self.workdir and not os.environ.get("BENCH_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -101,6 +101,9 @@ class Ledger:
     cache: ResponseCache
     spawn: Spawn
     _key: str | None = None
+    # Charges the budgets the request was admitted under: (tokens, cost in USD); None when no
+    # budget applies (extproc/budgets.py BudgetEngine.record_usage).
+    spend: Callable[[int, float], None] | None = None
 
     @property
     def key(self) -> str:
@@ -136,13 +139,16 @@ class Ledger:
                 self.spawn(redis_write)
 
     def _record_usage(self, attempt: Attempt, usage: Usage) -> None:
-        # Where the answer's usage is first known: a budget would be charged here.
+        # Where the answer's usage is first known: the budgets are charged here, so the request
+        # that crosses a token or cost limit completes and the next one is refused.
         name, model = attempt.provider.name, attempt.label
         metrics.TOKENS.labels(name, model, "input").inc(usage.input_tokens)
         metrics.TOKENS.labels(name, model, "output").inc(usage.output_tokens)
         cost = self.pricing.cost(attempt.model, usage.input_tokens, usage.output_tokens)
         if cost:
             metrics.COST.labels(name, model).inc(cost)
+        if self.spend is not None:
+            self.spend(usage.input_tokens + usage.output_tokens, cost)
         caller = self.caller
         if caller.workload:
             who = caller.labels

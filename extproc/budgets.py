@@ -33,16 +33,24 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from extproc import metrics
 from extproc.budget_store import BudgetStore, CounterRef, Counts, Limits
+from extproc.errors import BudgetExceeded
 from protos.spec import BudgetSpec
 
 _MEMO_LIMIT = 4096
 ANY = ("*",)
+_UNIT = {"requests": 0, "tokens": 1, "usd": 2}  # a unit's index in Counts and Budget.unit_limits
+_HEADER_NAMES = tuple(
+    (_UNIT[unit], (f"x-ratelimit-limit-{unit}", f"x-ratelimit-remaining-{unit}", f"x-ratelimit-reset-{unit}"))
+    for unit in ("requests", "tokens"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +60,19 @@ class Budget:
     spec: BudgetSpec
     budget_id: int  # names its counters in the table (for the gauges)
     window: int  # seconds
-    namespaces: tuple[str, ...]  # the spec's, or the config's scope when it lists none
+    namespaces: tuple[str, ...]  # the spec's, or every namespace (of the config's scope) when it lists none
     limits: Limits
+    unit_limits: tuple[float | None, float | None, float | None]  # requests, tokens, usd
+    limit_texts: tuple[str, str, str]  # the same, as header values ("" for none)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def charges_usage(self) -> bool:
+        """Whether answers' usage counts here (a token or cost limit)."""
+        return self.limits.tokens is not None or self.limits.cost_usd is not None
 
     def matches(self, namespace: str, service_account: str) -> bool:
         return any(fnmatch.fnmatchcase(namespace, g) for g in self.namespaces) and any(
@@ -71,23 +86,27 @@ class Budget:
         return namespace if per == "Namespace" else "*"
 
     def limit(self, unit: str) -> float | None:
-        return {"requests": self.limits.requests, "tokens": self.limits.tokens, "usd": self.limits.cost_usd}[unit]
+        return self.unit_limits[_UNIT[unit]]
 
 
-def compile_budget(scope: str, spec: BudgetSpec, default_namespaces: tuple[str, ...] = ANY) -> Budget:
+def compile_budget(scope: str, spec: BudgetSpec) -> Budget:
     window = int(spec.window)
     if window != spec.window or window < 1:  # the schema asks for whole seconds, at least 1m
         raise ValueError(f"budget {spec.name}: window must be a whole number of seconds")
     budget_id = int.from_bytes(
         hashlib.blake2b(f"{scope}\0{spec.name}\0{window}".encode(), digest_size=8).digest(), "little")
-    return Budget(spec, budget_id, window, spec.namespaces or default_namespaces,
-                  Limits(spec.requests, spec.tokens, spec.cost_usd))
+    limits = (spec.requests, spec.tokens, spec.cost_usd)
+    r, t, c = ("" if v is None else _number(v) for v in limits)
+    return Budget(spec, budget_id, window, spec.namespaces or ANY, Limits(*limits), limits, (r, t, c))
 
 
 def window_bounds(now: float, window: int) -> tuple[int, int]:
     """The fixed window holding `now`: [start, end), aligned to the Unix epoch."""
     start = int(now // window) * window
     return start, start + window
+
+
+_resets: dict[int, str] = {}  # whole seconds -> text: every answer within a second shares it
 
 
 def format_reset(seconds: float) -> str:
@@ -98,11 +117,18 @@ def format_reset(seconds: float) -> str:
         if ms < 1000:
             return f"{ms}ms"
     whole = max(1, math.ceil(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+    text = _resets.get(whole)
+    if text is None:
+        hours, rest = divmod(whole, 3600)
+        minutes, secs = divmod(rest, 60)
+        if hours:
+            text = f"{hours}h{minutes}m{secs}s"
+        else:
+            text = f"{minutes}m{secs}s" if minutes else f"{secs}s"
+        if len(_resets) >= _MEMO_LIMIT:
+            _resets.clear()
+        _resets[whole] = text
+    return text
 
 
 def format_window(seconds: int) -> str:
@@ -113,7 +139,7 @@ def format_window(seconds: int) -> str:
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +151,7 @@ class BudgetFigures:
     reset: float  # seconds until its window ends
 
     def used_of(self, unit: str) -> float:
-        return {"requests": self.used.requests, "tokens": self.used.tokens, "usd": self.used.cost_usd}[unit]
+        return self.used[_UNIT[unit]]
 
     def remaining(self, unit: str) -> float:
         limit = self.budget.limit(unit)
@@ -143,6 +169,7 @@ class Refusal:
     limit: float
     window: int
     reset: float  # seconds until the window ends
+    resets_at: float  # the window's end, Unix seconds
 
     @property
     def code(self) -> str:
@@ -153,12 +180,15 @@ class Refusal:
         """``retry-after``: whole seconds, rounded up, at least 1."""
         return max(1, math.ceil(self.reset))
 
+    def error(self) -> BudgetExceeded:
+        """The 429 the client gets (extproc/errors.py)."""
+        at = datetime.fromtimestamp(self.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return BudgetExceeded(self.budget, self.unit, _number(self.limit), format_window(self.window),
+                              self.retry_after, at)
+
     @property
     def message(self) -> str:
-        what = {"requests": f"{_number(self.limit)} requests", "tokens": f"{_number(self.limit)} tokens",
-                "usd": f"{_number(self.limit)} USD"}[self.unit]
-        return (f"Budget '{self.budget}' is used up: its limit of {what} per {format_window(self.window)} "
-                f"is reached. It resets in {self.retry_after}s.")
+        return self.error().message
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,24 +206,29 @@ class Admission:
 
     def headers(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        for unit in ("requests", "tokens"):
-            limited = [f for f in self.figures if f.budget.limit(unit) is not None]
-            if not limited:
-                continue
-            tight = min(limited, key=lambda f: (f.remaining_fraction(unit), f.reset, f.budget.name))
-            out += [
-                (f"x-ratelimit-limit-{unit}", _number(tight.budget.limit(unit) or 0)),
-                (f"x-ratelimit-remaining-{unit}", _number(tight.remaining(unit))),
-                (f"x-ratelimit-reset-{unit}", format_reset(tight.reset)),
-            ]
+        for i, names in _HEADER_NAMES:  # on every answer of a budgeted route: kept cheap
+            best: tuple[float, float, str] | None = None
+            tight: tuple[str, float, float] = ("", 0.0, 0.0)
+            for f in self.figures:
+                limit = f.budget.unit_limits[i]
+                if limit is None:
+                    continue
+                used = f.used[i]
+                remaining = limit - used if limit > used else 0
+                rank = (remaining / limit if limit else 0.0, f.reset, f.budget.name)
+                if best is None or rank < best:
+                    best, tight = rank, (f.budget.limit_texts[i], remaining, f.reset)
+            if best is not None:
+                text, remaining, reset = tight
+                out += [(names[0], text), (names[1], _number(remaining)), (names[2], format_reset(reset))]
         return out
 
 
-def _refusal(figures: Sequence[BudgetFigures]) -> Refusal:
+def _refusal(figures: Sequence[BudgetFigures], now: float) -> Refusal:
     over = [(f, f.budget.limits.exceeded(f.used)) for f in figures]
     f, units = max(((f, u) for f, u in over if u), key=lambda fu: fu[0].reset)
     unit = units[0]  # exceeded() lists usd, then tokens, then requests
-    return Refusal(f.budget.name, unit, f.budget.limit(unit) or 0, f.budget.window, f.reset)
+    return Refusal(f.budget.name, unit, f.budget.limit(unit) or 0, f.budget.window, f.reset, now + f.reset)
 
 
 class BudgetEngine:
@@ -202,7 +237,6 @@ class BudgetEngine:
 
     def __init__(
         self, scope: str, budgets: Sequence[BudgetSpec], store: BudgetStore, clock: Callable[[], float] = time.time,
-        default_namespaces: tuple[str, ...] = ANY,
     ) -> None:
         names = [b.name for b in budgets]
         if len(set(names)) != len(names):
@@ -210,10 +244,12 @@ class BudgetEngine:
         self.scope = scope  # e.g. "<config namespace>/<config name>": two configs never share a counter
         self.store = store
         self.clock = clock
-        # A budget that lists no namespaces covers the config's scope (the caller of a config is
-        # authorized for it before its budgets are consulted; this holds even without that check).
-        self.budgets = tuple(compile_budget(scope, b, default_namespaces) for b in budgets)
+        # A budget that lists no namespaces covers every namespace in the config's scope, which
+        # is "*": a caller meets a config's budgets only once authorized for it (extproc/authz.py).
+        self.budgets = tuple(compile_budget(scope, b) for b in budgets)
         self._matching: dict[tuple[str, str], tuple[Budget, ...]] = {}
+        # The hot path's counters, made once per (budget, caller, window): a key and its digest.
+        self._refs: dict[tuple[int, str, str, int], CounterRef] = {}
 
     def budget(self, name: str) -> Budget:
         return next(b for b in self.budgets if b.name == name)
@@ -239,8 +275,19 @@ class BudgetEngine:
 
     def _counters(self, budgets: Sequence[Budget], namespace: str, service_account: str,
                   now: float) -> list[CounterRef]:
-        return [CounterRef(self.key(b, namespace, service_account, now), b.budget_id,
-                           float(window_bounds(now, b.window)[1]), b.limits) for b in budgets]
+        refs = []
+        for b in budgets:
+            start = int(now // b.window) * b.window
+            memo = (b.budget_id, namespace, service_account, start)
+            ref = self._refs.get(memo)
+            if ref is None:
+                ref = CounterRef(self.key(b, namespace, service_account, now), b.budget_id, float(start + b.window),
+                                 b.limits)
+                if len(self._refs) >= _MEMO_LIMIT:
+                    self._refs.clear()  # callers x windows seen since: rebuilt as they come
+                self._refs[memo] = ref
+            refs.append(ref)
+        return refs
 
     def counter(self, name: str, namespace: str, service_account: str, now: float) -> CounterRef:
         """The counter a caller spends of budget `name` at `now`."""
@@ -252,12 +299,11 @@ class BudgetEngine:
         if not budgets:
             return None
         now = self.clock()
-        admitted, used = await self.store.admit(self._counters(budgets, namespace, service_account, now), now)
-        figures = tuple(
-            BudgetFigures(b, u, window_bounds(now, b.window)[1] - now)
-            for b, u in zip(budgets, used, strict=True)
-        )
-        refusal = None if admitted else _refusal(figures)
+        counters = self._counters(budgets, namespace, service_account, now)
+        admitted, used = await self.store.admit(counters, now)
+        figures = tuple(BudgetFigures(b, u, ref.expires_at - now)
+                        for b, u, ref in zip(budgets, used, counters, strict=True))
+        refusal = None if admitted else _refusal(figures, now)
         if refusal is not None:
             metrics.BUDGET_REJECTIONS.labels(refusal.budget, refusal.unit).inc()
         return Admission(namespace, service_account, figures, refusal)
@@ -267,16 +313,21 @@ class BudgetEngine:
         current now (a response may finish after its request's window turned)."""
         if not admission.admitted or not (tokens or cost_usd):
             return
-        budgets = [f.budget for f in admission.figures]
+        # Only budgets that limit tokens or cost keep them (no write for a requests-only budget).
+        budgets = [f.budget for f in admission.figures if f.budget.charges_usage]
+        if not budgets:
+            return
         now = self.clock()
         self.store.add_usage(self._counters(budgets, admission.namespace, admission.service_account, now),
                              max(0, tokens), max(0.0, cost_usd), now)
 
-    def export_metrics(self) -> None:
+    def export_metrics(self) -> set[tuple[str, str]]:
         """Set holysheep_budget_used/limit from the replica's counters (at scrape time: the
-        counters change with every request, the gauges only need to be right when read)."""
+        counters change with every request, the gauges only need to be right when read).
+        Returns the (budget, unit) label pairs it set."""
         now = self.clock()
         peaks = self.store.table().peaks(now)
+        exported: set[tuple[str, str]] = set()
         for b in self.budgets:
             peak = peaks.get(b.budget_id, Counts())
             for unit, used in (("requests", peak.requests), ("tokens", peak.tokens), ("usd", peak.cost_usd)):
@@ -285,3 +336,28 @@ class BudgetEngine:
                     continue
                 metrics.BUDGET_USED.labels(b.name, unit).set(used)
                 metrics.BUDGET_LIMIT.labels(b.name, unit).set(limit)
+                exported.add((b.name, unit))
+        return exported
+
+
+_exported: set[tuple[str, str]] = set()
+_export_lock = threading.Lock()  # scrapes run in threads, possibly two at once
+
+
+def export_budget_metrics(engines: Iterable[BudgetEngine]) -> None:
+    """Every config's budget gauges. A budget (or unit) a reload removed loses its series; in
+    prometheus-client's multiprocess mode, which cannot remove one, its usage reads 0 instead,
+    so no alert on it stays firing."""
+    with _export_lock:
+        current: set[tuple[str, str]] = set()
+        for engine in engines:
+            current |= engine.export_metrics()
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        for labels in _exported - current:
+            if multiprocess:
+                metrics.BUDGET_USED.labels(*labels).set(0)
+            else:
+                metrics.BUDGET_USED.remove(*labels)
+                metrics.BUDGET_LIMIT.remove(*labels)
+        _exported.clear()
+        _exported.update(current)

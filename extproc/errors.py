@@ -17,6 +17,7 @@ class ClientError(Exception):
     status = 400
     type = "invalid_request_error"
     code = "bad_request"
+    headers: tuple[tuple[str, str], ...] = ()  # sent with the answer (e.g. retry-after)
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -140,3 +141,28 @@ class ProviderError(ClientError):
     def __init__(self, status: int, kind: str, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.type, self.code = status, kind, code
+
+
+# --- budgets (spec.budgets, extproc/budgets.py) ---------------------------------------------
+
+
+class BudgetExceeded(ClientError):
+    """A budget is used up: OpenAI's 429, so the official SDKs raise their RateLimitError.
+
+    As OpenAI answers: ``type`` ``requests`` or ``tokens`` with ``code`` ``rate_limit_exceeded``
+    for a rate limit, ``insufficient_quota`` for both for spent money; ``retry-after`` in whole
+    seconds. The message names the budget, its limit and when the window turns; it is built
+    from the config and the clock only.
+    """
+
+    status = 429
+
+    def __init__(self, budget: str, unit: str, limit: str, window: str, retry_after: int, resets_at: str) -> None:
+        what = {"requests": "requests", "tokens": "tokens", "usd": "USD"}[unit]
+        super().__init__(f"Budget '{budget}' is used up: its limit of {limit} {what} per {window} is reached. "
+                         f"It resets in {retry_after}s, at {resets_at}.")
+        self.budget = budget
+        self.type = "insufficient_quota" if unit == "usd" else unit
+        self.code = "insufficient_quota" if unit == "usd" else "rate_limit_exceeded"
+        self.retry_after = retry_after
+        self.headers = (("retry-after", str(retry_after)),)

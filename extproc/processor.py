@@ -14,10 +14,15 @@ after the ack (``after_response_body``).
 Authorization (extproc/authz.py): a caller only ever reaches configs in its scope; what it may
 not use raises ``authz.Denied``, which ends the stream with PERMISSION_DENIED (service.py), so
 Envoy fails the request closed.
+
+Budgets (extproc/budgets.py): right after the route match, the config's budgets admit the
+authenticated caller or refuse it with a 429 (no provider sees it); every answer of a budgeted
+route carries OpenAI's x-ratelimit-* headers, and the usage is charged when it is settled.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,6 +33,7 @@ from extproc.accounting import Ledger, ResponseCopy, count_answer, count_failure
 from extproc.api import Endpoint, ParsedRequest, classify_path, is_ai_endpoint, parse_body
 from extproc.attempts import Attempt, AttemptPlan, bodyless_attempt
 from extproc.attributes import RequestInfo, request_info
+from extproc.budgets import BudgetEngine
 from extproc.cache import CachedResponse
 from extproc.errors import BodyTooLarge, ClientError, MissingModel, NoProviderAvailable, NotConfigured, UnknownModel
 from extproc.identity import ANONYMOUS, Caller, Identify, caller_from_node_metadata
@@ -90,6 +96,8 @@ class RequestProcessor:
         self.answered = False
         self.copy: ResponseCopy | None = None
         self.answer_status = 200  # the provider's status of the answer the body phase passes on
+        # OpenAI's x-ratelimit-* headers of the tightest budgets, on every answer of a budgeted route.
+        self.rate_headers: list[tuple[str, bytes]] = []
 
     # --- request phases -------------------------------------------------------------------
 
@@ -122,14 +130,36 @@ class RequestProcessor:
             match = self._route(req.request_body.body)
         except ClientError as err:
             return self.reject(err)
-        # The config is known from here on, and the caller is in its scope (_route). Budget
-        # admission (a 429) belongs right here.
+        # The config is known from here on, and the caller is in its scope (_route).
         self._plan(match)
+        assert self.rt is not None
+        budgets = self.rt.budgets_for(match.config)
+        if budgets is not None:
+            return self._admit(budgets)  # a 429 before any provider sees the request
+        return self._proceed()
+
+    def _proceed(self) -> Answer:
         assert self.ledger is not None
         if self.ledger.cache.spec.mode == "Always":
             return self._cached_or_first()  # the cache may answer before any provider
         first = self._first_attempt()
         return first if first is not None else self._exhausted()
+
+    async def _admit(self, budgets: BudgetEngine) -> m.ProcessingResponse:
+        """The config's budgets admit the request or refuse it (extproc/budgets.py), for the
+        authenticated caller only: without an identity (the insecure dev mode) the caller is
+        the anonymous one, namespace and service account "", whatever its metadata says."""
+        identity = self.caller.identity
+        namespace, service_account = (identity.namespace, identity.service_account) if identity else ("", "")
+        admission = await budgets.admit(namespace, service_account)
+        if admission is not None:
+            self.rate_headers = [(k, v.encode()) for k, v in admission.headers()]
+            if admission.refusal is not None:
+                return self.reject(admission.refusal.error())
+            assert self.ledger is not None
+            self.ledger.spend = functools.partial(budgets.record_usage, admission)
+        answer = self._proceed()
+        return answer if isinstance(answer, m.ProcessingResponse) else await answer
 
     def _route(self, body: bytes) -> RouteMatch:
         """Parse the body and match its model's route. Raises ClientError."""
@@ -190,7 +220,7 @@ class RequestProcessor:
         assert self.ledger is not None
         hit = await self.ledger.lookup("hit")
         if hit is not None:
-            return _from_cache(hit, "hit")
+            return _from_cache(hit, "hit", self.rate_headers)
         first = self._first_attempt()
         return first if first is not None else await self._exhausted()
 
@@ -234,9 +264,11 @@ class RequestProcessor:
         self.copy = ResponseCopy(self.ledger.cache.spec.max_entry_bytes)
         self.answer_status = status
         if attempt.translation is not None:  # the answer goes back in the client's API (translated.py)
-            return attempt.translation.response_headers(provider_header, status)
-        # The same answer for every request to this provider: shared.
-        return m.shared_response_headers_response(provider_header, m.STREAMED_RESPONSE)
+            return attempt.translation.response_headers([*provider_header, *self.rate_headers], status)
+        if not self.rate_headers:  # the same answer for every request to this provider: shared
+            return m.shared_response_headers_response(provider_header, m.STREAMED_RESPONSE)
+        # A budgeted route: the shared answer plus this request's x-ratelimit-* figures.
+        return m.response_headers_with(provider_header, self.rate_headers, m.STREAMED_RESPONSE)
 
     async def _failover(self) -> m.ProcessingResponse:
         assert self.attempt is not None and self.plan is not None and self.ledger is not None
@@ -254,8 +286,9 @@ class RequestProcessor:
             if result.status < 300:
                 counted = translation.counted if translation is not None else None
                 self.ledger.settle(attempt, result.body, result.status, result.content_type, counted=counted)
-            headers = [(k, v.encode("latin-1")) for k, v in result.headers]
-            headers.append((PROVIDER_HEADER, attempt.provider.name.encode()))
+            ours = {k for k, _ in self.rate_headers}  # the budget's figures, not the provider's own
+            headers = [(k, v.encode("latin-1")) for k, v in result.headers if k.lower() not in ours]
+            headers += [(PROVIDER_HEADER, attempt.provider.name.encode()), *self.rate_headers]
             return m.immediate_response(result.status, headers, result.body, "holysheep_failover")
         return await self._exhausted()
 
@@ -317,19 +350,20 @@ class RequestProcessor:
         if self.ledger.cache.enabled:
             hit = await self.ledger.lookup("fallback")
             if hit is not None:
-                return _from_cache(hit, "fallback")
+                return _from_cache(hit, "fallback", self.rate_headers)
         model = self.parsed.model if self.parsed else ""
         return self.reject(NoProviderAvailable(model, self.plan.tried, self.plan.skipped))
 
     def reject(self, err: ClientError) -> m.ProcessingResponse:
         metrics.ERRORS.labels(err.code).inc()
         self.attempt = None
-        headers = [("content-type", b"application/json")]
+        headers = [("content-type", b"application/json"), *((k, v.encode()) for k, v in err.headers),
+                   *self.rate_headers]
         return m.immediate_response(err.status, headers, err.body, f"holysheep_{err.code}")
 
 
-def _from_cache(hit: CachedResponse, how: str) -> m.ProcessingResponse:
-    headers = [("content-type", hit.content_type.encode()), (CACHE_HEADER, how.encode())]
+def _from_cache(hit: CachedResponse, how: str, extra: m.HeaderList = ()) -> m.ProcessingResponse:
+    headers = [("content-type", hit.content_type.encode()), (CACHE_HEADER, how.encode()), *extra]
     return m.immediate_response(hit.status, headers, hit.body, f"holysheep_cache_{how}")
 
 

@@ -2,7 +2,9 @@
 
 A reload builds a new ``Runtime`` and swaps one reference; requests in flight keep the one they
 started with. Breakers and caches carry over for providers and cache specs that did not change,
-so a reload neither forgets an outage nor empties the fallback cache.
+so a reload neither forgets an outage nor empties the fallback cache. Budget engines are rebuilt
+over stores that carry over (one per Redis URL, or the replica's memory table): their counts are
+keyed by config, budget name and window, so a reload keeps the counts of budgets that still exist.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from extproc.adapter import ProviderAdapter
 from extproc.auth import headers_to_remove
 from extproc.breaker import CircuitBreaker
+from extproc.budget_store import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from extproc.budgets import BudgetEngine, export_budget_metrics
 from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
 from extproc.routing import RouteTable
@@ -68,6 +72,9 @@ class Runtime:
         self.by_authority: dict[str, Provider] = {}
         self._by_authority_all: dict[str, list[Provider]] = {}
         old_caches: dict[CacheSpec, ResponseCache] = {c.spec: c for c in previous.caches.values()} if previous else {}
+        self.budgets: dict[str, BudgetEngine] = {}
+        self.budget_stores: dict[str | None, BudgetStore] = {}  # by cache.redisUrl (None: memory)
+        old_stores = dict(previous.budget_stores) if previous else {}
         # Every header any configured provider takes a credential in: a client's value of one is
         # stripped before a request goes to any provider, not only to the provider that uses it.
         credential_headers = sorted({p.auth.header_name for cfg in self.configs for p in cfg.providers})
@@ -75,6 +82,11 @@ class Runtime:
             key = f"{cfg.namespace}/{cfg.name}"
             self.caches[key] = old_caches.pop(cfg.cache) if cfg.cache in old_caches else ResponseCache(cfg.cache)
             self.pricing[key] = Pricing(cfg.pricing)
+            if cfg.budgets:
+                url = cfg.cache.redis_url
+                store = self.budget_stores.get(url) or old_stores.pop(url, None) or _budget_store(url)
+                self.budget_stores[url] = store
+                self.budgets[key] = BudgetEngine(key, cfg.budgets, store)
             for spec in cfg.providers:
                 timeout = cfg.timeout_for(spec)
                 old = previous.providers.get(spec.name) if previous else None
@@ -92,6 +104,7 @@ class Runtime:
                 self.by_authority.setdefault(spec.authority, provider)
                 self._by_authority_all.setdefault(spec.authority, []).append(provider)
         self.retired_caches = list(old_caches.values())
+        self.retired_budget_stores = list(old_stores.values())  # the server closes them
         # Tenant scope is needed before the model (and so the config) is known.
         self.tenant_header = self.configs[0].cache.tenant_header if self.configs else "x-holysheep-tenant"
         credentials.track(p.spec.auth for p in self.providers.values())
@@ -112,8 +125,21 @@ class Runtime:
             return list(self.providers.values())
         return list(found or ())
 
+    def budgets_for(self, cfg: HolySheepConfig) -> BudgetEngine | None:
+        """The config's budgets; None when it has none (no admission, no headers)."""
+        return self.budgets.get(f"{cfg.namespace}/{cfg.name}")
+
+    def export_budget_metrics(self) -> None:
+        """The budget gauges, from the counters (called by /metrics, off the event loop)."""
+        export_budget_metrics(self.budgets.values())
+
     def cache_for(self, cfg: HolySheepConfig) -> ResponseCache:
         return self.caches[f"{cfg.namespace}/{cfg.name}"]
 
     def pricing_for(self, cfg: HolySheepConfig) -> Pricing:
         return self.pricing[f"{cfg.namespace}/{cfg.name}"]
+
+
+def _budget_store(redis_url: str | None) -> BudgetStore:
+    """Exact across the replica's workers (memory), or across replicas too (Redis)."""
+    return MemoryBudgetStore() if redis_url is None else RedisBudgetStore(redis_url)

@@ -106,6 +106,8 @@ class DataPlane:
             return False
         for cache in runtime.retired_caches:
             self.spawn(cache.close())
+        for store in runtime.retired_budget_stores:
+            self.spawn(store.close())  # after its usage writes in flight
         self.runtime = runtime
         self.health.start(runtime)
         metrics.CONFIG_RELOADS.labels("ok").inc()
@@ -172,6 +174,8 @@ class DataPlane:
         if self.runtime is not None:
             for cache in self.runtime.caches.values():
                 await cache.close()
+            for store in self.runtime.budget_stores.values():
+                await store.close()
         metrics.flush()  # the last requests' counts: nothing is lost on shutdown
         log.info("stopped")
 
@@ -224,7 +228,7 @@ class DataPlane:
 
         async def metrics_handler(_: web.Request) -> web.Response:
             metrics.flush()  # this process's counts of the current loop iteration, before rendering
-            body = await asyncio.to_thread(_render_metrics)
+            body = await asyncio.to_thread(_render_metrics, self.runtime)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app.router.add_get("/health", health_handler)
@@ -257,7 +261,9 @@ def _read(path: str) -> str:
         return fh.read()
 
 
-def _render_metrics() -> bytes:
+def _render_metrics(runtime: Runtime | None = None) -> bytes:
+    if runtime is not None:
+        runtime.export_budget_metrics()  # gauges read from the counters at scrape time
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

@@ -29,8 +29,12 @@ ALL = {
     "d_stream_extproc",
     "d_stream_translated",
     "d_stream_floor",
+    "g_unbudgeted",
+    "g_budget_memory",
+    "g_budget_redis",
 }
-MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor")
+MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor", "g_unbudgeted",
+               "g_budget_memory", "g_budget_redis")
 
 
 def _run(tmp_path: Path, *extra: str) -> dict:
@@ -83,6 +87,11 @@ def test_smoke_run_is_well_formed(tmp_path: Path) -> None:
     assert result["extproc_memory"]["peak_rss_sampled_mb"] > 0
     assert summary["d_stream_extproc"]["2"]["ttfb_p50_ms"]["median"] > 0
     assert summary["b_extproc"]["2"]["vs_baseline"]["rps"] > 0
+    # the budgeted routes were budgeted (OpenAI's headers), the unbudgeted one not
+    assert result["sanity"]["g_unbudgeted"]["remaining_requests"] is None
+    for name in ("g_budget_memory", "g_budget_redis"):
+        assert int(result["sanity"][name]["remaining_requests"]) > 0, result["sanity"][name]
+        assert set(result["budget_overhead_ms"][name]["2"]) == {"p50_ms", "p99_ms"}
 
 
 def test_smoke_aiohttp_load_generator(tmp_path: Path) -> None:

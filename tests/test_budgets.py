@@ -159,7 +159,8 @@ def test_a_cost_budget_refuses_with_insufficient_quota() -> None:
     retry = 86400 - (T0 % 86400)
     assert refused.refusal.retry_after == retry
     assert refused.refusal.message == (
-        f"Budget 'team-a-daily' is used up: its limit of 0.5 USD per 1d is reached. It resets in {retry}s.")
+        f"Budget 'team-a-daily' is used up: its limit of 0.5 USD per 1d is reached. It resets in {retry}s, "
+        "at 2023-11-15T00:00:00Z.")
     assert refused.headers() == []  # cost has no OpenAI header, and no other budget applies
 
 

@@ -46,8 +46,9 @@ def errors() -> float:
 
 def counter(client: redis.Redis, engine: BudgetEngine, spec: BudgetSpec, now: float, ns: str = "team-a",
             sa: str = "app") -> dict[str, str]:
+    """The counter's figures (r, t, c) as Redis holds them; its bookkeeping (g, b*) left out."""
     raw = client.hgetall(engine.counter(spec.name, ns, sa, now).key)
-    return {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
+    return {k.decode(): v.decode() for k, v in raw.items() if k in (b"r", b"t", b"c")}  # type: ignore[union-attr]
 
 
 async def admit(engine: BudgetEngine, ns: str = "team-a", sa: str = "app") -> Admission:
@@ -294,6 +295,84 @@ def test_after_a_partition_each_replicas_own_counts_are_added_to_redis(server: L
         for s in stores:
             await s.close()
         await net.close()
+
+    asyncio.run(scenario())
+    client.close()
+
+
+@pytest.mark.parametrize("first", [0, 1], ids=["lower-figure-first", "higher-figure-first"])
+def test_a_redis_that_lost_a_counter_gets_it_back_whichever_replica_returns_first(first: int) -> None:
+    """Redis restarts empty; two replicas saw different last figures (5 and 6) and each counted
+    some requests alone (3 and 2). Whichever hands over first, the count is the highest figure
+    once plus every replica's own counts, and a replica coming back later neither lowers it
+    nor adds its floor again."""
+    spec = BudgetSpec("lost", HOUR, per="Shared", requests=100, tokens=10**6)
+    srv = LocalRedis()
+    srv.start()
+    clock, where = Clock(T0), scope()
+
+    async def scenario() -> None:
+        monos = [Clock(0.0), Clock(0.0)]
+        stores = [RedisBudgetStore(srv.url, CounterTable(None), monotonic=m) for m in monos]
+        engines = [BudgetEngine(where, [spec], s, clock) for s in stores]
+        for engine, n in zip(engines, (5, 1), strict=True):  # last figures seen: 5 and 6
+            for _ in range(n):
+                engine.record_usage(await admit(engine), 10, 0.0)
+        for s in stores:
+            await s.drain()
+        srv.kill()
+        for engine, n in zip(engines, (3, 2), strict=True):
+            assert all([(await admit(engine)).admitted for _ in range(n)])  # counted alone
+        srv.start()
+        for m in monos:
+            m.now += RedisBudgetStore.REDIS_BACKOFF
+        order = engines if first == 0 else engines[::-1]
+        for engine in order:
+            await admit(engine)
+        probe = redis.Redis.from_url(srv.url)
+        # 6 before the restart, 3 + 2 alone, 2 since; tokens: the 60 before it
+        assert counter(probe, engines[0], spec, clock.now) == {"r": str(6 + 3 + 2 + 2), "t": "60"}
+        for engine in order:  # both now of the new incarnation: nothing is added again
+            await admit(engine)
+        assert counter(probe, engines[0], spec, clock.now) == {"r": str(6 + 3 + 2 + 4), "t": "60"}
+        probe.close()
+        for s in stores:
+            await s.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        srv.kill()
+
+
+def test_usage_goes_to_redis_with_the_next_admission_or_a_flush(server: LocalRedis) -> None:
+    """An answer's usage costs no round trip of its own: the counter's next admission on the
+    replica carries it (so Redis checks the limit with it), else a flush shortly after."""
+    spec = BudgetSpec("carry", HOUR, tokens=10**6)
+    clock = Clock(T0)
+    client = redis.Redis.from_url(server.url)
+
+    async def scenario() -> None:
+        store = RedisBudgetStore(server.url, CounterTable(None))
+        engine = BudgetEngine(scope(), [spec], store, clock)
+        first = await admit(engine)  # loads the script
+        before = client.info("commandstats")
+        engine.record_usage(first, 25, 0.0)
+        second = await admit(engine)
+        after = client.info("commandstats")
+        calls = {k: after[k]["calls"] - before.get(k, {"calls": 0})["calls"] for k in after}
+        calls.pop("cmdstat_info")
+        assert {k: v for k, v in calls.items() if v} == {  # one EVALSHA: the usage went with it
+            "cmdstat_evalsha": 1, "cmdstat_hmget": 1, "cmdstat_hincrby": 2, "cmdstat_pexpireat": 2}
+        assert second.figures[0].used.tokens == 25
+        engine.record_usage(second, 5, 0.0)  # no admission follows: the flush takes it
+        deadline = time.monotonic() + 5
+        while counter(client, engine, spec, clock.now).get("t") != "30" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert counter(client, engine, spec, clock.now) == {"r": "2", "t": "30"}
+        assert store.table().read([engine.counter(spec.name, "team-a", "app", clock.now)], clock.now) == [
+            Counts(2, 30, 0.0)]  # the mirror, nothing left to hand over
+        await store.close()
 
     asyncio.run(scenario())
     client.close()

@@ -48,7 +48,7 @@ from tests.monitoring import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 T = TypeVar("T")
-PROVIDERS = ("primary", "secondary", "tertiary")
+PROVIDERS = ("primary", "secondary", "tertiary", "quaternary")
 
 CONFIG = """\
 apiVersion: holysheep.ai/v1
@@ -89,6 +89,23 @@ spec:
   cache: {{mode: Always, ttl: 1h}}
   pricing:
     - {{model: "cached-*", inputPerMillion: 1, outputPerMillion: 2}}
+---
+# A third config with a budget of 3 requests an hour: the budget panels' usage, limit and
+# rejections, and the budget alert (the traffic spends it, then is refused).
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {{name: live-budget, namespace: default}}
+spec:
+  timeout: 5s
+  healthCheck: {{interval: 1s, endpoint: /models}}
+  providers:
+    - {{name: quaternary, baseUrl: "{quaternary}", auth: {{type: Bearer, env: LIVE_QUATERNARY_KEY}}}}
+  routes:
+    - models: ["budget-*"]
+      backends: [{{provider: quaternary}}]
+  cache: {{mode: "Off"}}
+  budgets:
+    - {{name: live-hourly, window: 1h, requests: 3, tokens: 1000000}}
 """
 
 
@@ -183,7 +200,12 @@ def _drive(live: Live, client: httpx.Client) -> None:
         r["bad-json"] = client.post("/v1/chat/completions", content=b'{"model": "gpt-4o-mini", "messages": [',
                                     headers={"content-type": "application/json"})
         r["unknown-model"] = _chat(client, "no-such-model", "hi")
+        r[f"budget-{round_}"] = _chat(client, "budget-model", f"budget {round_}")
         live.wait_scrape()  # the second round lands in a later scrape: the rates are not zero
+    # A budget of 3 an hour: the third answer spends it, the next ones are refused (429).
+    for i in range(2, 5):
+        r[f"budget-{i}"] = _chat(client, "budget-model", f"budget {i}")
+    live.wait_scrape()
     # The store is asynchronous, after the answer: ask again until the cache answers.
     r["cached-hit"] = _wait("an Always-mode cache hit", lambda: (
         resp if (resp := _chat(client, "cached-model", "cache me")).headers.get("x-holysheep-cache") == "hit"
@@ -298,6 +320,9 @@ def test_traffic_was_what_the_panels_show(live: Live) -> None:
         assert r[key].status_code == 200 and r[key].headers["x-holysheep-cache"] == "fallback", key
     assert r["no-provider"].status_code == 503
     assert r["no-provider"].json()["error"]["code"] == "no_provider_available"
+    assert [r[f"budget-{i}"].status_code for i in range(5)] == [200, 200, 200, 429, 429]
+    assert [r[f"budget-{i}"].headers["x-ratelimit-remaining-requests"] for i in range(5)] == ["2", "1", "0", "0", "0"]
+    assert r["budget-3"].json()["error"]["code"] == "rate_limit_exceeded"
     # The mocks saw the failures the metrics report.
     assert live.mocks["primary"].stats()["by_status"].get("429") == 2
 
@@ -350,6 +375,11 @@ def test_failing_providers_raise_the_alerts(live: Live) -> None:
     names = {(a["labels"]["alertname"], a["labels"].get("provider")) for a in alerts}
     assert ("HolySheepProviderCircuitOpen", "tertiary") not in names
     assert not names & {("HolySheepExtprocNotReady", None), ("HolySheepExtprocDown", None)}
+    # live-hourly is used up (3 of 3): its alert is on its way (pending for 2 minutes), for that
+    # budget and unit only
+    budget = [a for a in alerts if a["labels"]["alertname"] == "HolySheepBudgetNearLimit"]
+    assert [(a["labels"]["budget"], a["labels"]["unit"]) for a in budget] == [("live-hourly", "requests")]
+    assert budget[0]["state"] in ("pending", "firing")
 
 
 def test_promtool_check_metrics_extproc(live: Live) -> None:

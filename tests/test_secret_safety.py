@@ -90,7 +90,8 @@ def _error_args(cls: type[errors.ClientError]) -> dict[str, Any]:
         "message": "m", "param": "p", "detail": "d", "model": "gpt-4o", "size": 9, "limit": 8,
         "path": "/v1/x", "tried": ["a", "b"], "skipped": ["c"], "field": "logprobs", "api": "Anthropic",
         "reason": "r", "endpoint": "/v1/embeddings", "status": 400, "kind": "invalid_request_error",
-        "code": "c",
+        "code": "c", "budget": "team-a-hourly", "unit": "requests", "window": "1h", "retry_after": 60,
+        "resets_at": "2026-01-01T00:00:00Z",
     }
     params = inspect.signature(cls.__init__).parameters
     return {n: samples[n] for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty}
