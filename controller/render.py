@@ -209,24 +209,33 @@ def virtual_service(cfg: HolySheepConfig, group: HostGroup, opts: RenderOptions)
     timeout = format_duration(per_try * (cfg.max_retries + 1))
     if _gateway_mode(cfg):
         return _virtual_service_via_gateway(cfg, group, opts, per_try, timeout)
-    destination = {"destination": {"host": group.host, "port": {"number": group.mesh_port}}}
+    route = _provider_route(cfg, group, per_try, timeout, port=group.mesh_port)
+    return _virtual_service_object(cfg, group, {"exportTo": _export_to(cfg, opts), "http": [route]})
 
-    route: dict[str, Any] = {
-        # Named, so the EnvoyFilter can switch the ext_proc filter on for exactly this route.
-        "name": naming.route_name(group.route_stem),
-        "route": [destination],
-        "timeout": timeout,
-        "retries": _retries(cfg, per_try),
-    }
+
+def _provider_route(
+    cfg: HolySheepConfig, group: HostGroup, per_try: float, timeout: str, port: int,
+    match: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The route that reaches the provider, with the CR's retries (from the sidecar, or from the
+    gateway in the egress-gateway mode)."""
+    # Named, so the (sidecar's or gateway's) EnvoyFilter can switch the ext_proc filter on for
+    # exactly this route.
+    route: dict[str, Any] = {"name": naming.route_name(group.route_stem)}
+    if match is not None:
+        route["match"] = match
+    route["route"] = [{"destination": {"host": group.host, "port": {"number": port}}}]
+    route["timeout"] = timeout
+    route["retries"] = _retries(cfg, per_try)
+    return route
+
+
+def _virtual_service_object(cfg: HolySheepConfig, group: HostGroup, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": NETWORKING_V1,
         "kind": "VirtualService",
         "metadata": _meta(cfg, naming.host_object_name(cfg.name, group.host)),
-        "spec": {
-            "hosts": [group.host],
-            "exportTo": _export_to(cfg, opts),
-            "http": [route],
-        },
+        "spec": {"hosts": [group.host], **spec},
     }
 
 
@@ -253,25 +262,15 @@ def _virtual_service_via_gateway(
         "timeout": timeout,
         "retries": {"attempts": 2, "retryOn": SIDECAR_TO_GATEWAY_RETRY_ON},
     }
-    to_provider: dict[str, Any] = {
-        # Named, so the gateway's EnvoyFilter can switch the ext_proc filter on for this route.
-        "name": naming.route_name(group.route_stem),
-        "match": [{"gateways": [_gateway_ref(cfg)], "port": GATEWAY_PORT}],
-        "route": [{"destination": {"host": group.host, "port": {"number": group.port}}}],
-        "timeout": timeout,
-        "retries": _retries(cfg, per_try),
-    }
-    return {
-        "apiVersion": NETWORKING_V1,
-        "kind": "VirtualService",
-        "metadata": _meta(cfg, naming.host_object_name(cfg.name, group.host)),
-        "spec": {
-            "hosts": [group.host],
-            "gateways": ["mesh", _gateway_ref(cfg)],
-            "exportTo": _export_to_sidecars_and_gateway(cfg, opts),
-            "http": [to_gateway, to_provider],
-        },
-    }
+    to_provider = _provider_route(
+        cfg, group, per_try, timeout, port=group.port,
+        match=[{"gateways": [_gateway_ref(cfg)], "port": GATEWAY_PORT}],
+    )
+    return _virtual_service_object(cfg, group, {
+        "gateways": ["mesh", _gateway_ref(cfg)],
+        "exportTo": _export_to_sidecars_and_gateway(cfg, opts),
+        "http": [to_gateway, to_provider],
+    })
 
 
 def gateway(cfg: HolySheepConfig, groups: list[HostGroup]) -> dict[str, Any]:

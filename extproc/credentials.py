@@ -8,11 +8,11 @@ interval without a restart. Values never leave this module except into an auth h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Iterable
 
+from extproc.polling import Poller
 from protos.spec import AuthSpec
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,9 @@ def read_secret_file(path: str) -> tuple[str, str | None]:
 class CredentialStore:
     def __init__(self, secrets_dir: str = DEFAULT_SECRETS_DIR, poll_interval: float = 1.0) -> None:
         self.secrets_dir = secrets_dir
-        self.poll_interval = poll_interval
         self._files: dict[str, Credential | None] = {}
         self._bad: set[str] = set()  # files already reported as unusable
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(self._refresh, poll_interval, log, "credential refresh failed")
 
     def path_for(self, auth: AuthSpec) -> str | None:
         if auth.secret_name is None or auth.key is None:
@@ -104,21 +103,11 @@ class CredentialStore:
                 log.info("credential loaded", extra={"secret_file": path})
             self._files[path] = Credential(value) if value else None
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await asyncio.to_thread(self._refresh_sync)
-            except Exception:  # a transient FS error must not stop rotation forever
-                log.exception("credential refresh failed")
+    async def _refresh(self) -> None:
+        await asyncio.to_thread(self._refresh_sync)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._poll())
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.stop()

@@ -19,7 +19,6 @@ PEM bundle), move clients to the new one, then drop the old.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from extproc.polling import Poller
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,11 @@ class ReloadingServerCredentials:
 
     def __init__(self, files: TLSFiles, poll_interval: float = 1.0) -> None:
         self.files = files
-        self.poll_interval = poll_interval
         self._digest = b""
         self._problem = ""  # the last reload error, logged once
         self._lock = threading.Lock()  # the fetcher runs on a gRPC thread
         self._pending: grpc.ServerCertificateConfiguration | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(self.refresh, poll_interval, log, "TLS reload failed")
         material = self._load_changed()
         if material is None:  # pragma: no cover - the first load always changes the digest
             raise TLSConfigError("no TLS material")
@@ -156,21 +156,8 @@ class ReloadingServerCredentials:
         if material.not_after <= dt.datetime.now(dt.UTC):
             log.warning("TLS server certificate %s has expired: clients will refuse it", self.files.cert)
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.refresh()
-            except Exception:  # a transient FS error must not stop rotation forever
-                log.exception("TLS reload failed")
-
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._poll())
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.stop()

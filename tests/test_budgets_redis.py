@@ -20,8 +20,9 @@ from prometheus_client import REGISTRY
 
 from extproc.budget_store import REDIS_GRACE, CounterTable, Counts, RedisBudgetStore
 from extproc.budgets import Admission, BudgetEngine
+from extproc.dev.processes import RedisServer
 from protos.spec import BudgetSpec
-from tests.budget_helpers import Clock, LocalRedis, Partition, redis_replica
+from tests.budget_helpers import Clock, Partition, redis_replica
 
 HOUR = 3600
 BASE = (int(time.time()) // HOUR + 1) * HOUR
@@ -29,8 +30,8 @@ T0 = BASE + 10
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[LocalRedis]:
-    srv = LocalRedis()
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
     srv.start()
     yield srv
     srv.kill()
@@ -57,7 +58,7 @@ async def admit(engine: BudgetEngine, ns: str = "team-a", sa: str = "app") -> Ad
     return decision
 
 
-def test_one_round_trip_per_admission_and_the_windows_expiry(server: LocalRedis) -> None:
+def test_one_round_trip_per_admission_and_the_windows_expiry(server: RedisServer) -> None:
     client = redis.Redis.from_url(server.url)
     spec = BudgetSpec("rt", HOUR, requests=50)
     clock = Clock(T0)
@@ -85,7 +86,7 @@ def test_one_round_trip_per_admission_and_the_windows_expiry(server: LocalRedis)
     client.close()
 
 
-def test_redis_is_exact_across_replicas(server: LocalRedis) -> None:
+def test_redis_is_exact_across_replicas(server: RedisServer) -> None:
     """Two replicas (processes, each with its own local table) race with every admission in flight."""
     ctx = multiprocessing.get_context("spawn")
     spec = BudgetSpec("exact", HOUR, per="Shared", requests=500)
@@ -106,7 +107,7 @@ def test_redis_is_exact_across_replicas(server: LocalRedis) -> None:
     client.close()
 
 
-def test_token_usage_is_shared_and_the_crossing_request_completes(server: LocalRedis) -> None:
+def test_token_usage_is_shared_and_the_crossing_request_completes(server: RedisServer) -> None:
     spec = BudgetSpec("tokens", HOUR, tokens=100, cost_usd=10)
     clock, where = Clock(T0), scope()
     client = redis.Redis.from_url(server.url)
@@ -137,7 +138,7 @@ def test_token_usage_is_shared_and_the_crossing_request_completes(server: LocalR
     client.close()
 
 
-def test_a_reload_keeps_the_counts_in_redis(server: LocalRedis) -> None:
+def test_a_reload_keeps_the_counts_in_redis(server: RedisServer) -> None:
     clock, where = Clock(T0), scope()
 
     async def scenario() -> None:
@@ -156,7 +157,7 @@ def test_a_reload_keeps_the_counts_in_redis(server: LocalRedis) -> None:
 
 
 def test_redis_killed_mid_traffic_fails_nothing_and_counting_resumes_in_redis() -> None:
-    srv = LocalRedis()
+    srv = RedisServer()
     srv.start()
     spec = BudgetSpec("outage", HOUR, per="Shared", requests=10**6, tokens=10**9)
     clock, mono, where = Clock(T0), Clock(0.0), scope()
@@ -203,7 +204,7 @@ def test_redis_killed_mid_traffic_fails_nothing_and_counting_resumes_in_redis() 
 
 
 def test_during_an_outage_the_limit_holds_on_the_replicas_own_counts() -> None:
-    srv = LocalRedis()
+    srv = RedisServer()
     srv.start()
     spec = BudgetSpec("outage-limit", HOUR, per="Shared", requests=10)
     clock, mono, where = Clock(T0), Clock(0.0), scope()
@@ -241,7 +242,7 @@ def test_during_an_outage_the_limit_holds_on_the_replicas_own_counts() -> None:
         srv.kill()
 
 
-def test_the_mirror_never_counts_twice(server: LocalRedis) -> None:
+def test_the_mirror_never_counts_twice(server: RedisServer) -> None:
     """Floors are the replica's lower bound of the truth: with Redis healthy they change nothing."""
     spec = BudgetSpec("mirror", HOUR, requests=100, tokens=10**6)
     clock, where = Clock(T0), scope()
@@ -262,7 +263,7 @@ def test_the_mirror_never_counts_twice(server: LocalRedis) -> None:
     client.close()
 
 
-def test_after_a_partition_each_replicas_own_counts_are_added_to_redis(server: LocalRedis) -> None:
+def test_after_a_partition_each_replicas_own_counts_are_added_to_redis(server: RedisServer) -> None:
     """Redis kept its data but two replicas could not reach it for a while: when they can again,
     each hands over what it counted alone, so Redis's count is exact again."""
     spec = BudgetSpec("partition", HOUR, per="Shared", requests=100)
@@ -307,7 +308,7 @@ def test_a_redis_that_lost_a_counter_gets_it_back_whichever_replica_returns_firs
     once plus every replica's own counts, and a replica coming back later neither lowers it
     nor adds its floor again."""
     spec = BudgetSpec("lost", HOUR, per="Shared", requests=100, tokens=10**6)
-    srv = LocalRedis()
+    srv = RedisServer()
     srv.start()
     clock, where = Clock(T0), scope()
 
@@ -345,7 +346,7 @@ def test_a_redis_that_lost_a_counter_gets_it_back_whichever_replica_returns_firs
         srv.kill()
 
 
-def test_usage_goes_to_redis_with_the_next_admission_or_a_flush(server: LocalRedis) -> None:
+def test_usage_goes_to_redis_with_the_next_admission_or_a_flush(server: RedisServer) -> None:
     """An answer's usage costs no round trip of its own: the counter's next admission on the
     replica carries it (so Redis checks the limit with it), else a flush shortly after."""
     spec = BudgetSpec("carry", HOUR, tokens=10**6)

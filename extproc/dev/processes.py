@@ -191,6 +191,13 @@ class Process:
             return ""
         return self.log_path.read_bytes()[-size:].decode("utf-8", "replace")
 
+    def wait_ready(self, url: str, timeout: float, what: str) -> None:
+        """Wait for ``url`` to answer 200 while the process runs; a failure carries the log's tail."""
+        try:
+            wait_until(lambda: http_ok(url), timeout=timeout, what=f"{what} ready", alive=[self.proc])
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}\n--- {what} log ---\n{self.log_tail()}") from None
+
 
 @dataclass
 class ExtProc:
@@ -227,11 +234,7 @@ class ExtProc:
         process = Process(self.argv(), self.log_path, env=self.env, cwd=self.config_path.parent)
         process.start()
         self.proc = process.proc
-        try:
-            wait_until(lambda: http_ok(self.admin + "/ready"), timeout=timeout, what="ext_proc ready",
-                       alive=[self.proc])
-        except (TimeoutError, RuntimeError) as exc:
-            raise RuntimeError(f"{exc}\n--- ext_proc log ---\n{process.log_tail()}") from None
+        process.wait_ready(self.admin + "/ready", timeout, "ext_proc")
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         return stop_group(self.proc, sig)
@@ -268,11 +271,7 @@ class Envoy:
                            self.log_level, "--concurrency", str(self.concurrency)], self.log_path)
         process.start()
         self.proc = process.proc
-        try:
-            wait_until(lambda: http_ok(self.admin + "/ready"), timeout=timeout, what="envoy ready",
-                       alive=[self.proc])
-        except (TimeoutError, RuntimeError) as exc:
-            raise RuntimeError(f"{exc}\n--- envoy log ---\n{process.log_tail()}") from None
+        process.wait_ready(self.admin + "/ready", timeout, "envoy")
 
     def stop(self) -> None:
         terminate(self.proc)

@@ -18,7 +18,7 @@ OpenAI field either: its text is kept, prefixed ``Error: `` (``_failed_tool``), 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from extproc.api import Usage
@@ -392,21 +392,28 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _user(blocks: list[Any], i: int, out: list[dict[str, Any]]) -> None:
-    parts: list[dict[str, Any]] = []
+def _content_blocks(blocks: list[Any], i: int, kinds: tuple[str, ...]) -> Iterator[tuple[str, str, Any]]:
+    """messages[i]'s content blocks, in order, as (field, type, block); a block whose type is not
+    one of ``kinds`` is refused when the iteration reaches it."""
     for j, block in enumerate(blocks):
         field = f"messages[{i}].content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
+        if not isinstance(kind, str) or kind not in kinds:
+            raise untranslatable(f"{field}.type", API, f"'{kind}' blocks are not translated")
+        yield field, kind, block
+
+
+def _user(blocks: list[Any], i: int, out: list[dict[str, Any]]) -> None:
+    parts: list[dict[str, Any]] = []
+    for field, kind, block in _content_blocks(blocks, i, ("tool_result", "text", "image", "document")):
         if kind == "tool_result":
             out.append(_tool_result(block, field))
         elif kind == "text":
             parts.append(_text(block, field))
         elif kind == "image":
             parts.append(_image(block, field))
-        elif kind == "document":
+        else:  # document
             parts.append(_document(block, field))
-        else:
-            raise untranslatable(f"{field}.type", API, f"'{kind}' blocks are not translated")
     if parts:
         out.append({"role": "user", "content": parts})
 
@@ -478,12 +485,10 @@ def _document(block: dict[str, Any], field: str) -> dict[str, Any]:
 def _assistant(blocks: list[Any], i: int) -> dict[str, Any]:
     texts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
-    for j, block in enumerate(blocks):
-        field = f"messages[{i}].content[{j}]"
-        kind = block.get("type") if isinstance(block, dict) else None
+    for field, kind, block in _content_blocks(blocks, i, ("text", "tool_use")):
         if kind == "text":
             texts.append(_text(block, field))
-        elif kind == "tool_use":
+        else:  # tool_use
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise invalid(field, "a tool_use block needs an id and a name")
             if not isinstance(block.get("input"), dict):
@@ -491,8 +496,6 @@ def _assistant(blocks: list[Any], i: int) -> dict[str, Any]:
             arguments = dumps(block["input"]).decode()
             calls.append({"id": block["id"], "type": "function",
                           "function": {"name": block["name"], "arguments": arguments}})
-        else:
-            raise untranslatable(f"{field}.type", API, f"'{kind}' blocks are not translated")
     msg: dict[str, Any] = {"role": "assistant"}
     if len(texts) == 1:
         msg["content"] = texts[0]["text"]
