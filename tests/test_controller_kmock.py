@@ -240,7 +240,8 @@ def test_spec_edit_updates_and_prunes(user: Kube, managers: Any) -> None:
     assert "workloadSelector" not in ef["spec"]
     assert [p["applyTo"] for p in ef["spec"]["configPatches"]] == ["HTTP_FILTER", "HTTP_ROUTE", "NETWORK_FILTER"]
     cm = user.get(CONFIGMAPS, "apps", "holysheep-extproc-multi")
-    assert "anthropic" not in cm["data"]["config.yaml"] and "45s" in cm["data"]["config.yaml"]
+    served = yaml.safe_load(cm["data"]["config.yaml"])
+    assert [p["name"] for p in served["spec"]["providers"]] == ["openai"] and "45s" in cm["data"]["config.yaml"]
 
 
 def test_invalid_spec_sets_condition_emits_event_and_keeps_objects(
