@@ -16,6 +16,7 @@ from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
 
 disable_created_metrics()  # *_created series double the scrape size and no panel uses them
 
@@ -89,8 +90,9 @@ class _FlushFirst:
 REGISTRY.register(_FlushFirst())  # type: ignore[arg-type]
 
 
-class BatchedCounter(Counter):
-    """A Counter whose ``labels()`` children are memoised and whose ``inc()`` is batched."""
+class _MemoisedLabels(MetricWrapperBase):
+    """``labels()`` children memoised per label tuple: prometheus-client builds and locks a key
+    on every call, which the hot path makes several times per request."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -111,6 +113,10 @@ class BatchedCounter(Counter):
     def clear(self) -> None:
         self._memo.clear()
         super().clear()
+
+
+class BatchedCounter(_MemoisedLabels, Counter):
+    """A Counter whose ``labels()`` children are memoised and whose ``inc()`` is batched."""
 
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
         if amount < 0 or exemplar is not None or self._is_parent():
@@ -122,29 +128,9 @@ class BatchedCounter(Counter):
             _schedule(loop)
 
 
-class BatchedHistogram(Histogram):
+class BatchedHistogram(_MemoisedLabels, Histogram):
     """A Histogram whose ``labels()`` children are memoised and whose ``observe()`` is batched
     (the bucket is found as prometheus-client does: the first upper bound >= the value)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._memo: dict[tuple[Any, ...], Any] = {}
-
-    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
-        if labelkwargs:
-            return super().labels(*labelvalues, **labelkwargs)
-        child = self._memo.get(labelvalues)
-        if child is None:
-            child = self._memo[labelvalues] = super().labels(*labelvalues)
-        return child
-
-    def remove(self, *labelvalues: Any) -> None:
-        self._memo.clear()
-        super().remove(*labelvalues)
-
-    def clear(self) -> None:
-        self._memo.clear()
-        super().clear()
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         if exemplar is not None or self._is_parent() or math.isnan(amount):

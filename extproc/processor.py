@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeAlias
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from extproc import authz, metrics
 from extproc.accounting import Ledger, ResponseCopy, count_answer, count_failure
@@ -41,6 +41,9 @@ from extproc.routing import RouteMatch
 from extproc.runtime import Provider, Runtime
 from extproc.upstream import UpstreamClient, UpstreamResult, is_failure
 from protos import messages as m
+
+# A route match or a provider: anything served under one config, whose scope decides the caller.
+_Scoped = TypeVar("_Scoped", RouteMatch, Provider)
 
 log = logging.getLogger(__name__)
 
@@ -179,35 +182,30 @@ class RequestProcessor:
         """The first route for ``model`` among the configs in the caller's scope: a config the
         caller may not use is skipped, so it neither serves nor shadows another config's route.
         Raises authz.Denied when routes exist for the model but none in scope."""
-        identity = self.caller.identity
-        if identity is None:  # --insecure-no-identity: every config
+        if self.caller.identity is None:  # --insecure-no-identity: every config
             return rt.routes.match(model)
-        matches = rt.routes.matches(model)
-        for match in matches:
-            if authz.config_denial(identity, match.config, self.root_namespace) is None:
-                return match
-        if not matches:
-            return None
-        reason = authz.scope_denial(identity, (m.config for m in matches), self.root_namespace)
-        raise authz.Denied(reason or authz.OUT_OF_NAMESPACE,
-                           f"{identity} asked for model {model[:100]!r}, which only "
-                           f"{authz.describe(matches[0].config)} serves")
+        return self._first_in_scope(rt.routes.matches(model), f"asked for model {model[:100]!r}, which")
 
     def _bodyless_provider(self, rt: Runtime) -> Provider | None:
         """The provider a bodyless call goes to: by host, among the configs in the caller's scope."""
-        identity = self.caller.identity
-        if identity is None:  # --insecure-no-identity: every config
+        if self.caller.identity is None:  # --insecure-no-identity: every config
             return rt.provider_for_host(self.info.host)
-        candidates = rt.providers_for_host(self.info.host)
-        for provider in candidates:
-            if authz.config_denial(identity, provider.config, self.root_namespace) is None:
-                return provider
+        return self._first_in_scope(rt.providers_for_host(self.info.host),
+                                    f"called {self.info.host[:100]!r}, whose provider")
+
+    def _first_in_scope(self, candidates: Sequence[_Scoped], asked: str) -> _Scoped | None:
+        """The first candidate whose config the caller may use; None when there is none at all;
+        authz.Denied when there are candidates but every one is out of the caller's scope."""
+        identity = self.caller.identity
+        assert identity is not None
+        for candidate in candidates:
+            if authz.config_denial(identity, candidate.config, self.root_namespace) is None:
+                return candidate
         if not candidates:
             return None
-        reason = authz.scope_denial(identity, (p.config for p in candidates), self.root_namespace)
+        reason = authz.scope_denial(identity, (c.config for c in candidates), self.root_namespace)
         raise authz.Denied(reason or authz.OUT_OF_NAMESPACE,
-                           f"{identity} called {self.info.host[:100]!r}, whose provider only "
-                           f"{authz.describe(candidates[0].config)} serves")
+                           f"{identity} {asked} only {authz.describe(candidates[0].config)} serves")
 
     def _plan(self, match: RouteMatch) -> None:
         rt, endpoint, parsed = self.rt, self.endpoint, self.parsed
