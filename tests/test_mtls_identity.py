@@ -28,6 +28,7 @@ from cryptography import x509
 from extproc import authz, spiffe
 from extproc.dev.certs import CertificateAuthority, Issued, spiffe_id, write_atomic
 from extproc.dev.devstack import envoy_binary
+from extproc.dev.processes import free_port
 from extproc.spiffe import IdentityError, WorkloadIdentity
 from extproc.tls import ReloadingServerCredentials, TLSConfigError, TLSFiles
 
@@ -405,12 +406,6 @@ def test_malformed_xfcc_elements_are_refused() -> None:
 
 
 # --- the sidecar's XFCC, from a real Envoy ---------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def istio_like_inbound(port: int, name: str, mode: str, certs: dict[str, str]) -> dict[str, Any]:
     """An inbound listener as Istio builds it for a sidecar (mTLS with a required client

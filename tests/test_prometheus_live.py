@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from extproc.dev.mock_provider import MockProvider
+from extproc.dev.processes import free_port
 from tests.monitoring import (
     PanelQuery,
     alert_rules,
@@ -107,12 +107,6 @@ spec:
   budgets:
     - {{name: live-hourly, window: 1h, requests: 3, tokens: 1000000}}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Loopback only: no proxy from the environment, ever.
@@ -246,7 +240,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             mock.start_in_thread(port=0, control_port=0)
         config = tmp / "config.yaml"
         config.write_text(CONFIG.format(**{name: m.base_url for name, m in mocks.items()}))
-        listen, grpc_port, admin, envoy_admin, prom_port = (_free_port() for _ in range(5))
+        listen, grpc_port, admin, envoy_admin, prom_port = (free_port() for _ in range(5))
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env.update({f"LIVE_{name.upper()}_KEY": key for name, key in keys.items()})
         with (tmp / "dev.log").open("wb") as log:

@@ -73,10 +73,28 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
+# Ports handed out come from below Linux's ephemeral range (32768-60999 by default): a port the
+# kernel picked for `bind(0)` is also a port it may give any outgoing connection before our
+# server binds it (an Envoy once failed with "Address already in use" that way). Each process
+# walks the range from its own offset and never hands out the same port twice.
+_PORT_RANGE = (20000, 32000)
+_next_port = _PORT_RANGE[0] + (os.getpid() * 7919) % (_PORT_RANGE[1] - _PORT_RANGE[0])
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port free now, outside the ephemeral range, not handed out before here."""
+    global _next_port
+    low, high = _PORT_RANGE
+    for _ in range(high - low):
+        port = _next_port
+        _next_port = low + (_next_port + 1 - low) % (high - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def wait_until(
