@@ -20,6 +20,7 @@ from extproc.cache import CachedResponse, ResponseCache, cache_key
 from extproc.identity import Caller
 from extproc.runtime import Pricing
 from extproc.sse import SSEAssembler
+from extproc.upstream import MAX_RESPONSE_BYTES
 
 # Past the cache's entry limit only this much of a streamed answer is kept: its end, where a
 # stream's usage event lives.
@@ -59,20 +60,26 @@ def usage_of(body: bytes, schema: ApiSchema, streaming: bool) -> tuple[Usage | N
 
 
 class ResponseCopy:
-    """A streamed answer's chunks, copied for usage and the cache: all of them while they fit
-    the cache's entry limit, past it only the tail."""
+    """A streamed answer's chunks, copied for usage and the cache.
 
-    __slots__ = ("_chunks", "_limit", "_size", "_tail")
+    Usage needs the whole answer (a JSON body parses only whole; an Anthropic stream reports its
+    input tokens in its first event), whatever the cache may keep: so every chunk is kept up to
+    the bound the failover path reads answers to (``upstream.MAX_RESPONSE_BYTES``), past it only
+    the tail, where an OpenAI stream's usage event lives. The cache takes the copy only when it
+    fits its own entry limit. (Bounding the copy by the cache's limit let an answer larger than
+    ``maxEntryBytes`` go uncharged by token and cost budgets.)"""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
+    __slots__ = ("_cache_limit", "_chunks", "_size", "_tail")
+
+    def __init__(self, cache_limit: int) -> None:
+        self._cache_limit = cache_limit
         self._chunks: list[bytes] | None = []
         self._size = 0
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
         self._size += len(chunk)
-        if self._chunks is not None and self._size <= self._limit:
+        if self._chunks is not None and self._size <= MAX_RESPONSE_BYTES:
             self._chunks.append(chunk)
             return
         if self._chunks:
@@ -82,8 +89,8 @@ class ResponseCopy:
 
     @property
     def whole(self) -> bool:
-        """Whether every chunk was kept, so the answer may be cached."""
-        return self._chunks is not None
+        """Whether every chunk was kept and the answer fits the cache's entry limit."""
+        return self._chunks is not None and self._size <= self._cache_limit
 
     @property
     def body(self) -> bytes:

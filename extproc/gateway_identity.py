@@ -68,12 +68,17 @@ def calling_workload(identity: WorkloadIdentity, attrs: struct_pb2.Struct | None
 
 
 def egress_denial(identity: WorkloadIdentity, config: HolySheepConfig) -> str | None:
-    """NOT_VIA_GATEWAY when ``config`` is in Gateway mode and its gateway did not relay this
-    caller; None otherwise (Sidecar mode: any authenticated caller, scope checked elsewhere)."""
-    if config.egress.mode != "Gateway":
-        return None
-    gw = config.egress.gateway
+    """None when ``config`` may serve this caller as far as the egress path goes: a Gateway-mode
+    config only a workload its own gateway relayed (NOT_VIA_GATEWAY otherwise), a Sidecar-mode
+    config only a caller that is itself (UNTRUSTED_RELAY for a relayed one).
+
+    A relayed identity is believed only for the configs whose gateway relayed it: any config may
+    name a gateway (``spec.egress.gateway``), so a tenant could name its own service account as
+    one, and its relayed claims must not reach another config's credentials, cache or budgets."""
     via = identity.via if isinstance(identity, RelayedIdentity) else None
+    if config.egress.mode != "Gateway":
+        return UNTRUSTED_RELAY if via is not None else None
+    gw = config.egress.gateway
     if via is None or (via.namespace, via.service_account) != (gw.namespace, gw.service_account):
         return NOT_VIA_GATEWAY
     return None

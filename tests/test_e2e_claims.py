@@ -303,8 +303,14 @@ def test_an_answer_larger_than_max_entry_bytes_is_not_cached(stack: Stack) -> No
         # Same-length prompts and one-word replies: the answer's length moves with the reply's only.
         probe = len(_chat_sz(stack, 10, "probe"))
         fits = _chat_sz(stack, 10 + LIMIT - probe, "fitss")
+        before = m.value(_metrics(stack), "holysheep_tokens_total", provider="sz", type="output")
         too_big = _chat_sz(stack, 10 + LIMIT - probe + 1, "toobg")
         assert (len(fits), len(too_big)) == (LIMIT, LIMIT + 1)
+        huge = _chat_sz(stack, 64 << 10, "hugee")  # past the cache's limit and any tail a copy keeps
+        assert len(huge) > 64 << 10
+        # Not cached, but still charged: usage (and so token and cost budgets) never depends on
+        # the cache's entry limit.
+        assert m.value(_metrics(stack), "holysheep_tokens_total", provider="sz", type="output") - before == 2
         stream_before = m.value(_metrics(stack), "holysheep_tokens_total", provider="sz", type="output")
         streamed = _chat_sz(stack, 2 * LIMIT, "strmm", stream=True)
         assert len(streamed) > LIMIT
