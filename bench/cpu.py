@@ -105,12 +105,22 @@ class _Context:
 
     __slots__ = ("_i", "_msgs", "_parse", "_yield", "written")
 
+    # What grpc.aio's auth_context() holds for a connection whose client certificate our mTLS
+    # verified (the bench's front Envoy presents bench/default): ours reads it once per stream.
+    AUTH_CONTEXT = {"transport_security_type": [b"ssl"], "peer_uri": [b"spiffe://cluster.local/ns/bench/sa/default"]}
+
     def __init__(self, msgs: list[bytes], parse: Callable[[bytes], Any], interleave: bool = False) -> None:
         self._msgs = msgs
         self._parse = parse
         self._yield = interleave
         self._i = 0
         self.written = 0
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {k: list(v) for k, v in self.AUTH_CONTEXT.items()}  # a fresh copy, as grpc builds one
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
 
     async def read(self) -> Any:
         import grpc
@@ -144,17 +154,20 @@ def _config_file(tmp: str) -> str:
     return path
 
 
-async def _ours(tmp: str) -> tuple[Any, Callable[[], Any]]:
+async def _ours(tmp: str, identity: str = "tls") -> tuple[Any, Callable[[], Any]]:
     from extproc.server import DataPlane, ServerOptions
     from extproc.service import ExternalProcessorService
 
     options = ServerOptions(config_path=_config_file(tmp), secrets_dir=os.path.join(tmp, "secrets"))
     if hasattr(options, "identity_from"):
-        from extproc.identity import IdentityFrom
+        from extproc.identity import IdentityFrom, authenticator
 
-        # No transport identity here (no TLS in process): the caller comes from the node metadata.
+        # No TLS in process: INSECURE builds the plane, then (identity "tls", as every bench
+        # target runs) the mTLS authenticator reads _Context's auth context, as it reads grpc's.
         options.identity_from = IdentityFrom.INSECURE
     plane = DataPlane(options)
+    if identity == "tls" and hasattr(options, "identity_from"):
+        plane.authenticate = authenticator(IdentityFrom.TLS)
     if not await plane.reload():
         raise RuntimeError("bench config rejected")
     service = ExternalProcessorService(plane)
@@ -195,12 +208,13 @@ def _handshake(gate: str | None, say: str) -> None:
 
 
 async def _drive(target: str, scenario: str, warmup: int, requests: int, chunks: int, workload: bool,
-                 profile: str | None, gate: str | None = None, concurrency: int = 1) -> dict[str, Any]:
+                 profile: str | None, gate: str | None = None, concurrency: int = 1,
+                 identity: str = "tls") -> dict[str, Any]:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     tmp = tempfile.mkdtemp(prefix="bench-cpu-")
     try:
-        service, drain = await (_ours(tmp) if target == "ours" else _floor(tmp))
+        service, drain = await (_ours(tmp, identity) if target == "ours" else _floor(tmp))
         msgs = _messages(scenario, chunks, workload)
         parse = pb.ProcessingRequest.FromString
         written = 0
@@ -271,7 +285,8 @@ async def _serve_grpc(target: str, tmp: str, port_file: str, warmup: int, total_
     import grpc
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-    service, drain = await (_ours(tmp) if target == "ours" else _floor(tmp))
+    # A plaintext loopback server: no certificate to read an identity from.
+    service, drain = await (_ours(tmp, "insecure") if target == "ours" else _floor(tmp))
     done = asyncio.Event()
     count = 0
     inner = service.Process
@@ -348,6 +363,7 @@ def _child_cmd(args: argparse.Namespace, target: str, requests: int, extra: list
         cmd.append("--workload")
     if args.concurrency > 1:
         cmd += ["--concurrency", str(args.concurrency)]
+    cmd += ["--identity", args.identity]
     if not args.multiprocess:
         cmd.append("--no-multiprocess")
     return cmd + (extra or [])
@@ -421,7 +437,7 @@ def _child(args: argparse.Namespace) -> int:
         print(json.dumps({"target": args.child, "requests": args.requests, "cpu_s": cpu}))
         return 0
     result = asyncio.run(_drive(args.child, args.scenario, args.warmup, args.requests, args.chunks, args.workload,
-                                args.profile_out, args.gate, args.concurrency))
+                                args.profile_out, args.gate, args.concurrency, args.identity))
     print(json.dumps(result))
     return 0
 
@@ -435,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1,
                    help="in process: streams in flight at once, their messages interleaved (like N connections)")
     p.add_argument("--workload", action="store_true", help="node metadata names the calling workload (a mesh)")
+    p.add_argument("--identity", choices=("tls", "insecure"), default="tls",
+                   help="in process: the caller's SPIFFE ID from an mTLS auth context, as every bench target runs "
+                        "(default), or --insecure-no-identity (the figures before this flag); --grpc is insecure")
     p.add_argument("--no-multiprocess", dest="multiprocess", action="store_false",
                    help="prometheus-client in single-process mode (like --workers 1)")
     p.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
@@ -478,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             unit = "CPU us" + (" (server, incl. gRPC)" if args.grpc else "")
         report = {"scenario": args.scenario, "concurrency": args.concurrency, "unit": unit + " per request",
                   "per_request": per_request,
-                  "grpc": args.grpc, "multiprocess": args.multiprocess, "workload": args.workload}
+                  "grpc": args.grpc, "multiprocess": args.multiprocess, "workload": args.workload,
+                  "identity": "insecure" if args.grpc else args.identity}
         if "ours" in per_request and "floor" in per_request:
             report["ours_minus_floor"] = per_request["ours"] - per_request["floor"]
             report["ratio"] = per_request["ours"] / per_request["floor"] if per_request["floor"] else None

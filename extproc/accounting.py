@@ -8,12 +8,11 @@ client.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from extproc import metrics
+from extproc import jsoncodec, metrics
 from extproc.api import ApiSchema, Endpoint, ParsedRequest, Usage
 from extproc.attempts import Attempt
 from extproc.cache import CachedResponse, ResponseCache, cache_key
@@ -30,10 +29,14 @@ Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 
 def count_answer(attempt: Attempt, status: int, caller: Caller) -> None:
-    """A provider answered (successfully, or with a client error)."""
-    metrics.REQUESTS.labels(attempt.provider.name, attempt.label, str(status)).inc()
-    if caller.workload:
-        metrics.WORKLOAD_REQUESTS.labels(*caller.labels).inc()
+    """A provider answered (successfully, or with a client error); the attempt keeps the series
+    its usage goes to."""
+    series = attempt.series = metrics.answer_series(attempt.provider.name, attempt.label, _STATUS.get(status) or
+                                                    str(status), caller.labels if caller.workload else None)
+    series.answered()
+
+
+_STATUS = {code: str(code) for code in range(100, 600)}
 
 
 def count_failure(attempt: Attempt, status: int) -> None:
@@ -45,13 +48,13 @@ def usage_of(body: bytes, schema: ApiSchema, streaming: bool) -> tuple[Usage | N
     """Usage from a JSON answer or the last SSE event that carries one; and whether it is whole."""
     if not streaming:
         try:
-            return schema.usage(json.loads(body)), True
+            return schema.usage(jsoncodec.loads(body)), True
         except ValueError:
             return None, False
     sse = SSEAssembler()
     sse.feed(body)
     usage: Usage | None = None
-    for event in sse.json_events():
+    for event in sse.json_events_with(b"usage"):  # an event without the key carries no usage
         found = schema.usage(event)
         if found is not None:
             usage = Usage(max(found.input_tokens, usage.input_tokens if usage else 0),
@@ -117,7 +120,7 @@ class Ledger:
         """The cache key: the caller's scope, the endpoint and the canonical body, never the
         credential. Computed at most once, and only when the cache is used."""
         if self._key is None:
-            self._key = cache_key(self.caller.tenant, self.endpoint.suffix, self.parsed.payload)
+            self._key = cache_key(self.caller.tenant, self.endpoint.suffix, self.parsed.payload, self.parsed.strict)
         return self._key
 
     async def lookup(self, event: Literal["hit", "fallback"]) -> CachedResponse | None:
@@ -138,28 +141,22 @@ class Ledger:
         translated one (extproc/translated.py), whose client-side form may not carry the usage."""
         usage, complete = counted if counted is not None else usage_of(body, self.endpoint.schema, self.parsed.stream)
         if usage is not None:
-            self._record_usage(attempt, usage)
+            self._record_usage(attempt, usage, status)
         if whole and complete and self.cache.enabled and body and status < 300:
             # Memory now (no task); a Redis write, if any, off the hot path.
             redis_write = self.cache.store(self.key, CachedResponse(status, content_type, body))
             if redis_write is not None:
                 self.spawn(redis_write)
 
-    def _record_usage(self, attempt: Attempt, usage: Usage) -> None:
+    def _record_usage(self, attempt: Attempt, usage: Usage, status: int) -> None:
         # Where the answer's usage is first known: the budgets are charged here, so the request
         # that crosses a token or cost limit completes and the next one is refused.
-        name, model = attempt.provider.name, attempt.label
-        metrics.TOKENS.labels(name, model, "input").inc(usage.input_tokens)
-        metrics.TOKENS.labels(name, model, "output").inc(usage.output_tokens)
         cost = self.pricing.cost(attempt.model, usage.input_tokens, usage.output_tokens)
-        if cost:
-            metrics.COST.labels(name, model).inc(cost)
+        series = attempt.series
+        if series is None:  # not counted as answered (count_answer): resolved here
+            caller = self.caller
+            series = metrics.answer_series(attempt.provider.name, attempt.label, str(status),
+                                           caller.labels if caller.workload else None)
+        series.used(usage.input_tokens, usage.output_tokens, cost)
         if self.spend is not None:
             self.spend(usage.input_tokens + usage.output_tokens, cost)
-        caller = self.caller
-        if caller.workload:
-            who = caller.labels
-            metrics.WORKLOAD_TOKENS.labels(*who, model, "input").inc(usage.input_tokens)
-            metrics.WORKLOAD_TOKENS.labels(*who, model, "output").inc(usage.output_tokens)
-            if cost:
-                metrics.WORKLOAD_COST.labels(*who, model).inc(cost)

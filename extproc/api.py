@@ -6,10 +6,10 @@ one class and one table entry.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from extproc import jsoncodec
 from extproc.errors import InvalidJSON, MissingModel, UnsupportedEndpoint
 
 
@@ -70,12 +70,21 @@ class Endpoint:
 
 
 def classify_path(path: str) -> Endpoint:
+    found = _classified.get(path)
+    if found is not None:
+        return found
     bare, _, query = path.partition("?")
     bare = bare.rstrip("/")
     for suffix, schema in ENDPOINTS:
         if bare.endswith(suffix):
-            return Endpoint(suffix + ("?" + query if query else ""), schema)
+            found = Endpoint(suffix + ("?" + query if query else ""), schema)
+            if len(_classified) < 1024:  # paths come from clients: a bounded memo
+                _classified[path] = found
+            return found
     raise UnsupportedEndpoint(bare)
+
+
+_classified: dict[str, Endpoint] = {}
 
 
 def is_ai_endpoint(path: str) -> bool:
@@ -96,11 +105,12 @@ def bodyless_suffix(path: str, base_path: str = "") -> str:
     return bare + sep + query
 
 
-@dataclass
+@dataclass(slots=True)
 class ParsedRequest:
     payload: dict[str, Any]
     model: str
     stream: bool
+    strict: bool = False  # parsed by orjson (extproc/jsoncodec.py): its encoders may re-encode it
 
 
 def parse_body(body: bytes) -> ParsedRequest:
@@ -108,7 +118,7 @@ def parse_body(body: bytes) -> ParsedRequest:
     if not body:
         raise MissingModel("The request has no body; a JSON object with a model is required")
     try:
-        payload = json.loads(body)
+        payload, strict = jsoncodec.loads_strict(body)
     except UnicodeDecodeError:
         raise InvalidJSON("it is not UTF-8") from None
     except RecursionError:
@@ -126,9 +136,9 @@ def parse_body(body: bytes) -> ParsedRequest:
             model.encode()  # the model becomes a metric label and a log field: it must be UTF-8
         except UnicodeEncodeError:
             raise InvalidJSON("'model' contains an unpaired surrogate escape") from None
-    return ParsedRequest(payload=payload, model=model, stream=payload.get("stream") is True)
+    return ParsedRequest(payload=payload, model=model, stream=payload.get("stream") is True, strict=strict)
 
 
 def encode_with_model(parsed: ParsedRequest, model: str) -> bytes:
     """The body to send when a backend rewrites the model name."""
-    return json.dumps({**parsed.payload, "model": model}, separators=(",", ":")).encode()
+    return jsoncodec.dumps({**parsed.payload, "model": model}, parsed.strict)

@@ -14,13 +14,14 @@ from extproc.runtime import Provider
 from protos.spec import BackendSpec
 
 if TYPE_CHECKING:
+    from extproc.adapter import Passthrough
     from extproc.translated import Translation
 
 
 class Attempt:
     """One backend chosen for this request, with what it sends."""
 
-    __slots__ = ("body", "headers", "label", "model", "provider", "suffix", "translation")
+    __slots__ = ("body", "headers", "label", "model", "passthrough", "provider", "series", "suffix", "translation")
 
     def __init__(self, provider: Provider, suffix: str, body: bytes | None, model: str = "", label: str = "",
                  translation: Translation | None = None) -> None:
@@ -32,7 +33,13 @@ class Attempt:
         # Set when the provider speaks another API than the client (extproc/translated.py): the
         # answer comes back through it.
         self.translation = translation
-        self.headers = provider.adapter.request_headers(suffix, body, translation)
+        self.series: metrics.AnswerSeries | None = None  # set once it answered (accounting.count_answer)
+        if body is None and translation is None:  # the client's body unchanged: a shared header set
+            self.passthrough: Passthrough | None = provider.adapter.passthrough(suffix)
+            self.headers = self.passthrough.headers
+        else:
+            self.passthrough = None
+            self.headers = provider.adapter.request_headers(suffix, body, translation)
 
     def call_headers(self, accept: str) -> dict[str, str]:
         """The same headers for the processor's own call (failover): the pseudo-headers are the

@@ -2,32 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import struct_pb2
 
-from protos.messages import ProcessingRequest, headers_to_dict
+from protos.messages import ProcessingRequest
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
 
-@dataclass(frozen=True, slots=True)
 class RequestInfo:
-    path: str = "/"
-    host: str = ""
-    method: str = "POST"
-    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names, latin-1 text
+    """What the request-headers message says about the request, read when first asked for: the
+    pseudo-headers in one pass, any other header only on demand (only the insecure dev mode
+    reads one: the tenant header). Reading a header out of the message costs a Python object per
+    field, so no header map is built. Names match case-insensitively and the last of repeated
+    headers wins, as a map built from the message would have it."""
+
+    __slots__ = ("_headers", "_host", "_method", "_path")
+
+    def __init__(self, path: str | None = None, host: str = "", method: str = "POST", headers: Any = ()) -> None:
+        self._path = path  # None: the pseudo-headers are not read yet
+        self._host = host
+        self._method = method
+        self._headers = headers  # the message's HeaderValue list
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._read_pseudo_headers()
+        return self._path  # type: ignore[return-value]
+
+    @property
+    def host(self) -> str:
+        if self._path is None:
+            self._read_pseudo_headers()
+        return self._host
+
+    @property
+    def method(self) -> str:
+        if self._path is None:
+            self._read_pseudo_headers()
+        return self._method
+
+    def _read_pseudo_headers(self) -> None:
+        path = None
+        for h in self._headers:
+            key = h.key.lower()
+            if key == ":path":
+                path = _text(h)
+            elif key == ":authority":
+                self._host = _text(h)
+            elif key == ":method":
+                self._method = _text(h)
+        self._path = path if path is not None else "/"
+
+    def header(self, name: str) -> str:
+        """A header's value as latin-1 text ("" when absent); ``name`` in lower case."""
+        value = ""
+        for h in self._headers:
+            if h.key.lower() == name:
+                value = _text(h)
+        return value
+
+
+def _text(h: Any) -> str:
+    """A header's value: Envoy sends it in raw_value (bytes, read as latin-1)."""
+    return h.raw_value.decode("latin-1") if h.raw_value else h.value
 
 
 def request_info(req: ProcessingRequest) -> RequestInfo:
-    """From the request-headers message."""
-    headers = headers_to_dict(req.request_headers)
-    return RequestInfo(
-        path=headers.get(":path", "/"),
-        host=headers.get(":authority", ""),
-        method=headers.get(":method", "POST"),
-        headers=headers,
-    )
+    """From the request-headers message (its fields read when first asked for)."""
+    return RequestInfo(headers=req.request_headers.headers.headers)
 
 
 def attributes(req: ProcessingRequest) -> struct_pb2.Struct | None:

@@ -14,6 +14,7 @@ the exception that ends a stream with PERMISSION_DENIED (extproc/service.py).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeVar
 
 from extproc.gateway_identity import egress_denial
 from extproc.spiffe import WorkloadIdentity
@@ -22,10 +23,19 @@ from protos.spec import HolySheepConfig
 
 __all__ = [
     "DEFAULT_ROOT_NAMESPACE", "OUT_OF_NAMESPACE", "SERVICE_ACCOUNT_NOT_LISTED", "Denied", "config_denial", "denial",
-    "in_scope", "scope_denial", "service_account_matches", "service_account_pattern_problem",
+    "first_in_scope", "in_scope", "scope_denial", "service_account_matches", "service_account_pattern_problem",
 ]
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
+
+
+class _HasConfig(Protocol):
+    @property
+    def config(self) -> HolySheepConfig: ...
+
+
+# A route match or a provider: anything served under one config, whose scope decides the caller.
+_Scoped = TypeVar("_Scoped", bound=_HasConfig)
 
 # Denial reasons: the values of holysheep_unauthorized_calls_total{reason} for scope misses.
 OUT_OF_NAMESPACE = "namespace"
@@ -77,6 +87,20 @@ def scope_denial(identity: WorkloadIdentity, configs: Iterable[HolySheepConfig],
         if found != OUT_OF_NAMESPACE:  # the more specific reason (service_account, not_via_gateway)
             reason = found
     return reason
+
+
+def first_in_scope(identity: WorkloadIdentity, candidates: Sequence[_Scoped], asked: str,
+                   root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> _Scoped | None:
+    """The first candidate (a route match or a provider) whose config the caller may use; None
+    when there is none at all; ``Denied`` when there are candidates but every one is out of the
+    caller's scope (a config it may not use neither serves nor shadows another's)."""
+    for candidate in candidates:
+        if config_denial(identity, candidate.config, root_namespace) is None:
+            return candidate
+    if not candidates:
+        return None
+    reason = scope_denial(identity, (c.config for c in candidates), root_namespace)
+    raise Denied(reason or OUT_OF_NAMESPACE, f"{identity} {asked} only {describe(candidates[0].config)} serves")
 
 
 def describe(config: HolySheepConfig) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import struct
 import time
@@ -19,7 +18,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import metrics
+from extproc import jsoncodec, metrics
 from protos.spec import CacheSpec
 
 log = logging.getLogger(__name__)
@@ -41,12 +40,26 @@ class CachedResponse:
         return cls(status, raw[4 : 4 + ct_len].decode(), raw[4 + ct_len :])
 
 
-def cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    # surrogatepass: JSON may carry lone surrogate escapes ("\ud800"), which strict UTF-8 cannot
-    # encode; the key must still be injective and must never raise.
-    digest = hashlib.sha256(f"{tenant}\x00{endpoint}\x00{canonical}".encode("utf-8", "surrogatepass")).hexdigest()
-    return f"holysheep:v1:{digest}"
+def cache_key(tenant: str, endpoint: str, payload: dict[str, Any], strict: bool = False) -> str:
+    """``strict``: the payload was parsed by orjson (extproc/jsoncodec.py); the key is the same
+    for the same payload whatever its key order."""
+    digest = hashlib.sha256(_scope(tenant, endpoint))
+    digest.update(jsoncodec.canonical(payload, strict))
+    return "holysheep:v2:" + digest.hexdigest()
+
+
+_scopes: dict[tuple[str, str], bytes] = {}
+
+
+def _scope(tenant: str, endpoint: str) -> bytes:
+    """The key's prefix for a tenant and endpoint: NUL-separated (neither holds a NUL, so no two
+    pairs give the same prefix); surrogatepass, so no text ever raises."""
+    found = _scopes.get((tenant, endpoint))
+    if found is None:
+        found = b"%s\x00%s\x00" % (tenant.encode("utf-8", "surrogatepass"), endpoint.encode("utf-8", "surrogatepass"))
+        if len(_scopes) < 4096:
+            _scopes[(tenant, endpoint)] = found
+    return found
 
 
 class MemoryCache:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from extproc.polling import Poller
 from protos.spec import AuthSpec
@@ -76,6 +76,25 @@ class CredentialStore:
         wanted = {p for p in (self.path_for(a) for a in auths) if p}
         self._files = {p: self._files.get(p) for p in wanted}
         self._refresh_sync()
+
+    def reader(self, auth: AuthSpec) -> Callable[[], Credential | None]:
+        """``get(auth)`` as a function for the hot path: the file's path is joined once, and
+        the environment variable read once (a process's environment does not change under it;
+        a reload builds new readers). The file's current value is still read on every call, so
+        a rotated Secret applies at once, and the same Credential object is returned until it
+        changes (callers may remember what they built from it)."""
+        path = self.path_for(auth)
+        value = os.environ.get(auth.env, "").strip() if auth.env else ""
+        from_env = Credential(value) if value else None
+
+        def read() -> Credential | None:
+            if path is not None:
+                cred = self._files.get(path)
+                if cred is not None:
+                    return cred
+            return from_env
+
+        return read
 
     def get(self, auth: AuthSpec) -> Credential | None:
         path = self.path_for(auth)

@@ -91,11 +91,25 @@ def authenticated_caller(identity: WorkloadIdentity, configs: Sequence[HolySheep
     def identify(req: ProcessingRequest, info: RequestInfo, tenant_header: str) -> Caller:
         attrs = attributes(req)
         caller = calling_workload(identity, attrs, configs)
-        name = text(attrs, "xds.node.metadata.WORKLOAD_NAME")
-        return Caller(namespace=caller.namespace, workload=workload_label(caller, name),
-                      service_account=caller.service_account, identity=caller)
+        return _caller(caller, text(attrs, "xds.node.metadata.WORKLOAD_NAME"))
 
     return identify
+
+
+# (identity, workload name) -> its Caller: the same few per process, and a Caller is immutable.
+# Sound because workload_label's answer for a pair never changes once given (names are only
+# ever added to _workload_labels). Bounded like the labels.
+_callers: dict[tuple[WorkloadIdentity, str], Caller] = {}
+
+
+def _caller(identity: WorkloadIdentity, name: str) -> Caller:
+    caller = _callers.get((identity, name))
+    if caller is None:
+        caller = Caller(namespace=identity.namespace, workload=workload_label(identity, name),
+                        service_account=identity.service_account, identity=identity)
+        if len(_callers) < 4 * MAX_WORKLOAD_LABELS:
+            _callers[(identity, name)] = caller
+    return caller
 
 
 def caller_from_node_metadata(req: ProcessingRequest, info: RequestInfo, tenant_header: str) -> Caller:
@@ -105,7 +119,7 @@ def caller_from_node_metadata(req: ProcessingRequest, info: RequestInfo, tenant_
     return Caller(
         namespace=text(attrs, "xds.node.metadata.NAMESPACE"),
         workload=text(attrs, "xds.node.metadata.WORKLOAD_NAME") or text(attrs, "xds.node.metadata.NAME"),
-        claimed_tenant=info.headers.get(tenant_header, "")[:MAX_TENANT_CHARS],
+        claimed_tenant=info.header(tenant_header.lower())[:MAX_TENANT_CHARS],
     )
 
 
@@ -129,7 +143,7 @@ Authenticate = Callable[[Any], WorkloadIdentity | None]
 def authenticator(mode: IdentityFrom, trust_domains: Collection[str] | None = None) -> Authenticate:
     """The per-stream identity function of a mode; raises IdentityError when there is none."""
     if mode is IdentityFrom.TLS:
-        return lambda context: spiffe.from_servicer_context(context, trust_domains)
+        return spiffe.ServicerContextIdentity(trust_domains)
     if mode is IdentityFrom.XFCC:
         return lambda context: spiffe.from_metadata(context.invocation_metadata() or (), trust_domains=trust_domains)
     if mode is IdentityFrom.INSECURE:

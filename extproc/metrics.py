@@ -27,12 +27,17 @@ disable_created_metrics()  # *_created series double the scrape size and no pane
 # and packs into an mmap, behind labels()'s tuple building and validation: ~3 us a write, a sixth
 # of the processor's own CPU. The Batched* metrics below keep their children memoised and add
 # to plain Python dicts instead; ``flush`` writes the sums (one write per series however many
-# requests touched it). It runs when no stream is left in flight (service.py), else from a timer
-# FLUSH_DELAY after the first pending count, so under load one write serves many requests and a
-# count is never more than FLUSH_DELAY late, nor lost. Without a running loop (a sync caller, a
-# test) it is written at once; at exit, on drain and before every render, flush() runs too.
+# requests touched it). It runs from a timer FLUSH_DELAY after the first pending count, so one
+# write serves every request of that interval and a count is never more than FLUSH_DELAY late,
+# nor lost: before every render of /metrics this process's own counts are flushed (so with one
+# worker, the production layout, a scrape is exact), and on drain and at exit. Only another
+# worker's counts can reach a scrape up to FLUSH_DELAY late. Without a running loop (a sync
+# caller, a test) a count is written at once.
+#
+# (Flushing whenever no stream was left in flight, as before, wrote every request's ~12 values
+# on its own at low concurrency: a tenth of the request's CPU at one connection.)
 
-FLUSH_DELAY = 0.005
+FLUSH_DELAY = 0.5
 
 _pending: dict[Any, float] = {}  # prometheus-client value object -> amount to add
 _settings: dict[Any, float] = {}  # value object -> value to set (gauges)
@@ -246,6 +251,66 @@ BUDGET_STORE_ERRORS = Counter(
     "Budget store failures (a Redis error, which switches to local counting for a back-off, or a full counter "
     "table); no request fails because of one.",
 )
+
+class AnswerSeries:
+    """The counter series one answered request adds to, for one (provider, model label, status,
+    calling workload): resolved once and remembered (``answer_series``), so an answer costs two
+    calls, ``answered`` and ``used``, not one ``labels().inc()`` per series. The adds are the
+    Batched* metrics' own pending sums, flushed the same way."""
+
+    __slots__ = ("_answered", "_cost", "_tokens", "_workload_cost", "_workload_tokens")
+
+    def __init__(self, provider: str, model: str, status: str, workload: tuple[str, str, str] | None) -> None:
+        self._answered = [REQUESTS.labels(provider, model, status)._value]
+        self._tokens = (TOKENS.labels(provider, model, "input")._value, TOKENS.labels(provider, model, "output")._value)
+        self._cost = COST.labels(provider, model)._value
+        self._workload_tokens: tuple[Any, Any] | None = None
+        self._workload_cost: Any = None
+        if workload is not None:
+            self._answered.append(WORKLOAD_REQUESTS.labels(*workload)._value)
+            self._workload_tokens = (WORKLOAD_TOKENS.labels(*workload, model, "input")._value,
+                                     WORKLOAD_TOKENS.labels(*workload, model, "output")._value)
+            self._workload_cost = WORKLOAD_COST.labels(*workload, model)._value
+
+    def answered(self) -> None:
+        pending = _pending
+        for value in self._answered:
+            pending[value] = pending.get(value, 0.0) + 1
+        if (loop := _get_running_loop()) is not _flush_on:
+            _schedule(loop)
+
+    def used(self, input_tokens: int, output_tokens: int, cost: float) -> None:
+        """The answer's usage (tokens by type) and its cost; a zero cost adds no series."""
+        pending = _pending
+        inp, out = self._tokens
+        pending[inp] = pending.get(inp, 0.0) + input_tokens
+        pending[out] = pending.get(out, 0.0) + output_tokens
+        if cost:
+            pending[self._cost] = pending.get(self._cost, 0.0) + cost
+        if self._workload_tokens is not None:
+            inp, out = self._workload_tokens
+            pending[inp] = pending.get(inp, 0.0) + input_tokens
+            pending[out] = pending.get(out, 0.0) + output_tokens
+            if cost:
+                pending[self._workload_cost] = pending.get(self._workload_cost, 0.0) + cost
+        if (loop := _get_running_loop()) is not _flush_on:
+            _schedule(loop)
+
+
+_answer_series: dict[tuple[str, str, str, tuple[str, str, str] | None], AnswerSeries] = {}
+MAX_REMEMBERED_SERIES = 16384  # the label values are bounded already (MAX_MODEL_LABELS, workloads)
+
+
+def answer_series(provider: str, model: str, status: str, workload: tuple[str, str, str] | None) -> AnswerSeries:
+    """The AnswerSeries of (provider, model label, status, workload labels or None)."""
+    key = (provider, model, status, workload)
+    series = _answer_series.get(key)
+    if series is None:
+        series = AnswerSeries(provider, model, status, workload)
+        if len(_answer_series) < MAX_REMEMBERED_SERIES:
+            _answer_series[key] = series
+    return series
+
 
 # Model names come from clients when a glob route passes them through unchanged, so each
 # process gives at most this many distinct names their own label value; later ones are counted

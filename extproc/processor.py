@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeAlias, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeAlias
 
 from extproc import authz, metrics
 from extproc.accounting import Ledger, ResponseCopy, count_answer, count_failure
@@ -41,9 +41,6 @@ from extproc.routing import RouteMatch
 from extproc.runtime import Provider, Runtime
 from extproc.upstream import UpstreamClient, UpstreamResult, is_failure
 from protos import messages as m
-
-# A route match or a provider: anything served under one config, whose scope decides the caller.
-_Scoped = TypeVar("_Scoped", RouteMatch, Provider)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +70,9 @@ class Processor(Protocol):
 
 
 class RequestProcessor:
+    __slots__ = ("answer_status", "answered", "attempt", "caller", "copy", "endpoint", "identify", "info", "ledger",
+                 "parsed", "plan", "rate_headers", "raw_body", "root_namespace", "rt", "spawn", "started", "upstream")
+
     def __init__(
         self, runtime: Runtime | None, upstream: UpstreamClient, spawn: Spawn,
         identify: Identify = caller_from_node_metadata,
@@ -113,7 +113,7 @@ class RequestProcessor:
         self.caller = self.identify(req, self.info, rt.tenant_header)
         identity = self.caller.identity
         if identity is not None:
-            reason = authz.scope_denial(identity, rt.configs, self.root_namespace)
+            reason = rt.scope_denial(identity, self.root_namespace)
             if reason is not None:
                 raise authz.Denied(reason, f"{identity} is in the scope of no HolySheepConfig served here")
         if not req.request_headers.end_of_stream:
@@ -134,9 +134,7 @@ class RequestProcessor:
         except ClientError as err:
             return self.reject(err)
         # The config is known from here on, and the caller is in its scope (_route).
-        self._plan(match)
-        assert self.rt is not None
-        budgets = self.rt.budgets_for(match.config)
+        budgets = self._plan(match)
         if budgets is not None:
             return self._admit(budgets)  # a 429 before any provider sees the request
         return self._proceed()
@@ -182,37 +180,27 @@ class RequestProcessor:
         """The first route for ``model`` among the configs in the caller's scope: a config the
         caller may not use is skipped, so it neither serves nor shadows another config's route.
         Raises authz.Denied when routes exist for the model but none in scope."""
-        if self.caller.identity is None:  # --insecure-no-identity: every config
+        identity = self.caller.identity
+        if identity is None:  # --insecure-no-identity: every config
             return rt.routes.match(model)
-        return self._first_in_scope(rt.routes.matches(model), f"asked for model {model[:100]!r}, which")
+        return rt.route_in_scope(identity, model, self.root_namespace)
 
     def _bodyless_provider(self, rt: Runtime) -> Provider | None:
         """The provider a bodyless call goes to: by host, among the configs in the caller's scope."""
-        if self.caller.identity is None:  # --insecure-no-identity: every config
-            return rt.provider_for_host(self.info.host)
-        return self._first_in_scope(rt.providers_for_host(self.info.host),
-                                    f"called {self.info.host[:100]!r}, whose provider")
-
-    def _first_in_scope(self, candidates: Sequence[_Scoped], asked: str) -> _Scoped | None:
-        """The first candidate whose config the caller may use; None when there is none at all;
-        authz.Denied when there are candidates but every one is out of the caller's scope."""
         identity = self.caller.identity
-        assert identity is not None
-        for candidate in candidates:
-            if authz.config_denial(identity, candidate.config, self.root_namespace) is None:
-                return candidate
-        if not candidates:
-            return None
-        reason = authz.scope_denial(identity, (c.config for c in candidates), self.root_namespace)
-        raise authz.Denied(reason or authz.OUT_OF_NAMESPACE,
-                           f"{identity} {asked} only {authz.describe(candidates[0].config)} serves")
+        if identity is None:  # --insecure-no-identity: every config
+            return rt.provider_for_host(self.info.host)
+        return authz.first_in_scope(identity, rt.providers_for_host(self.info.host),
+                                    f"called {self.info.host[:100]!r}, whose provider", self.root_namespace)
 
-    def _plan(self, match: RouteMatch) -> None:
+    def _plan(self, match: RouteMatch) -> BudgetEngine | None:
+        """The attempts and the accounting of the request; returns the config's budgets."""
         rt, endpoint, parsed = self.rt, self.endpoint, self.parsed
         assert rt is not None and endpoint is not None and parsed is not None
-        config = match.config
+        served = rt.served(match.config)
         self.plan = AttemptPlan(rt.providers, match, endpoint, parsed)
-        self.ledger = Ledger(self.caller, endpoint, parsed, rt.pricing_for(config), rt.cache_for(config), self.spawn)
+        self.ledger = Ledger(self.caller, endpoint, parsed, served.pricing, served.cache, self.spawn)
+        return served.budgets
 
     async def _cached_or_first(self) -> m.ProcessingResponse:
         assert self.ledger is not None
@@ -231,8 +219,11 @@ class RequestProcessor:
             refusal = self.plan.refusal
             return self.reject(refusal) if refusal is not None else None
         self._send(attempt)
-        if attempt.body is None:  # the client's body goes on unchanged: a shared answer per header set
-            return m.shared_request_body_response(attempt.headers, attempt.provider.remove_headers)
+        shared = attempt.passthrough
+        if shared is not None:  # the client's body goes on unchanged: one answer per header set
+            if shared.answer is None:
+                shared.answer = m.request_body_response(attempt.headers, attempt.provider.remove_headers, None, None)
+            return shared.answer
         return m.request_body_response(attempt.headers, attempt.provider.remove_headers, attempt.body, None)
 
     def _send(self, attempt: Attempt) -> None:
@@ -248,7 +239,7 @@ class RequestProcessor:
         status = _status(req.response_headers)
         provider = attempt.provider
         metrics.UPSTREAM_LATENCY.labels(provider.name).observe(time.monotonic() - self.started)
-        provider_header = [(PROVIDER_HEADER, provider.name.encode())]
+        provider_header, passed_on = _provider_answer(provider.name)
         if is_failure(status):
             self._failed(attempt, status)
             if self.parsed is None:  # bodyless call: nothing to fail over with
@@ -264,7 +255,7 @@ class RequestProcessor:
         if attempt.translation is not None:  # the answer goes back in the client's API (translated.py)
             return attempt.translation.response_headers([*provider_header, *self.rate_headers], status)
         if not self.rate_headers:  # the same answer for every request to this provider: shared
-            return m.shared_response_headers_response(provider_header, m.STREAMED_RESPONSE)
+            return passed_on
         # A budgeted route: the shared answer plus this request's x-ratelimit-* figures.
         return m.response_headers_with(provider_header, self.rate_headers, m.STREAMED_RESPONSE)
 
@@ -358,6 +349,21 @@ class RequestProcessor:
         headers = [("content-type", b"application/json"), *((k, v.encode()) for k, v in err.headers),
                    *self.rate_headers]
         return m.immediate_response(err.status, headers, err.body, f"holysheep_{err.code}")
+
+
+# Per provider name: its x-holysheep-provider header and the shared answer that passes its
+# successful answer on (the body STREAMED for usage and the cache). Names come from configs.
+_provider_answers: dict[str, tuple[m.HeaderList, m.ProcessingResponse]] = {}
+
+
+def _provider_answer(name: str) -> tuple[m.HeaderList, m.ProcessingResponse]:
+    found = _provider_answers.get(name)
+    if found is None:
+        header = ((PROVIDER_HEADER, name.encode()),)
+        found = header, m.shared_response_headers_response(header, m.STREAMED_RESPONSE)
+        if len(_provider_answers) < 1024:
+            _provider_answers[name] = found
+    return found
 
 
 def _from_cache(hit: CachedResponse, how: str, extra: m.HeaderList = ()) -> m.ProcessingResponse:

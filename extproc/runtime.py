@@ -13,6 +13,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from extproc import authz
 from extproc.adapter import ProviderAdapter
 from extproc.auth import headers_to_remove
 from extproc.breaker import CircuitBreaker
@@ -20,11 +21,14 @@ from extproc.budget_store import BudgetStore, MemoryBudgetStore, RedisBudgetStor
 from extproc.budgets import BudgetEngine, export_budget_metrics
 from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
-from extproc.routing import RouteTable
+from extproc.routing import RouteMatch, RouteTable
 from extproc.shared_state import breaker_slot
-from extproc.spiffe import XFCC_HEADER
+from extproc.spiffe import XFCC_HEADER, WorkloadIdentity
 from extproc.translated import adapter_for
 from protos.spec import CacheSpec, HolySheepConfig, PricingSpec, ProviderSpec
+
+# Bound on each per-caller memo of a runtime (callers x models); past it, computed each time.
+MAX_REMEMBERED = 8192
 
 
 @dataclass
@@ -56,6 +60,18 @@ class Pricing:
         return (input_tokens * spec.input_per_million + output_tokens * spec.output_per_million) / 1e6
 
 
+class Served:
+    """What a request under one config uses: its cache, its prices, its budgets (None: none)."""
+
+    __slots__ = ("budgets", "cache", "key", "pricing")
+
+    def __init__(self, cache: ResponseCache, pricing: Pricing, budgets: BudgetEngine | None, key: str) -> None:
+        self.cache = cache
+        self.pricing = pricing
+        self.budgets = budgets
+        self.key = key  # namespace/name
+
+
 class Runtime:
     def __init__(
         self,
@@ -79,7 +95,7 @@ class Runtime:
         # stripped before a request goes to any provider, not only to the provider that uses it.
         credential_headers = sorted({p.auth.header_name for cfg in self.configs for p in cfg.providers})
         for cfg in self.configs:
-            key = f"{cfg.namespace}/{cfg.name}"
+            key = self.served_key(cfg)
             self.caches[key] = old_caches.pop(cfg.cache) if cfg.cache in old_caches else ResponseCache(cfg.cache)
             self.pricing[key] = Pricing(cfg.pricing)
             if cfg.budgets:
@@ -108,6 +124,48 @@ class Runtime:
         # Tenant scope is needed before the model (and so the config) is known.
         self.tenant_header = self.configs[0].cache.tenant_header if self.configs else "x-holysheep-tenant"
         credentials.track(p.spec.auth for p in self.providers.values())
+        # Per config, what a request under it uses, found by the config object itself (hashing a
+        # parsed config, or formatting its key, per request costs more than the lookup).
+        self._served = {id(cfg): Served(self.caches[key], self.pricing[key], self.budgets.get(key), key)
+                        for cfg in self.configs for key in (self.served_key(cfg),)}
+        # Scope answers per caller, for this runtime's configs: authz's functions are pure over
+        # (identity, configs, root namespace), and a runtime's configs never change.
+        self._scope_memo: dict[tuple[WorkloadIdentity, str], str | None] = {}
+        self._route_memo: dict[tuple[WorkloadIdentity, str, str], RouteMatch | tuple[str, str] | None] = {}
+
+    @staticmethod
+    def served_key(cfg: HolySheepConfig) -> str:
+        return f"{cfg.namespace}/{cfg.name}"
+
+    def scope_denial(self, identity: WorkloadIdentity, root_namespace: str) -> str | None:
+        """``authz.scope_denial`` over this runtime's configs, remembered per caller."""
+        key = (identity, root_namespace)
+        try:
+            return self._scope_memo[key]
+        except KeyError:
+            pass
+        reason = authz.scope_denial(identity, self.configs, root_namespace)
+        if len(self._scope_memo) < MAX_REMEMBERED:
+            self._scope_memo[key] = reason
+        return reason
+
+    def route_in_scope(self, identity: WorkloadIdentity, model: str, root_namespace: str) -> RouteMatch | None:
+        """The first route for ``model`` among the configs in the caller's scope
+        (``authz.first_in_scope``), remembered per caller and model; raises ``authz.Denied``."""
+        key = (identity, model, root_namespace)
+        try:
+            found = self._route_memo[key]
+        except KeyError:
+            try:
+                found = authz.first_in_scope(identity, self.routes.matches(model),
+                                             f"asked for model {model[:100]!r}, which", root_namespace)
+            except authz.Denied as exc:
+                found = (exc.reason, str(exc))
+            if len(self._route_memo) < MAX_REMEMBERED:
+                self._route_memo[key] = found
+        if isinstance(found, tuple):
+            raise authz.Denied(*found)
+        return found
 
     def provider_for_host(self, host: str) -> Provider | None:
         """The provider a bodyless call (GET /v1/models) goes to: the one its host names, with or
@@ -125,19 +183,28 @@ class Runtime:
             return list(self.providers.values())
         return list(found or ())
 
+    def served(self, cfg: HolySheepConfig) -> Served:
+        """What a request under ``cfg`` (one of this runtime's configs) uses."""
+        # By identity: a config this runtime holds is alive, so no other object shares its id.
+        found = self._served.get(id(cfg))
+        if found is None:  # an equal config parsed elsewhere (a test's): by its key
+            key = self.served_key(cfg)
+            return Served(self.caches[key], self.pricing[key], self.budgets.get(key), key)
+        return found
+
     def budgets_for(self, cfg: HolySheepConfig) -> BudgetEngine | None:
         """The config's budgets; None when it has none (no admission, no headers)."""
-        return self.budgets.get(f"{cfg.namespace}/{cfg.name}")
+        return self.served(cfg).budgets
 
     def export_budget_metrics(self) -> None:
         """The budget gauges, from the counters (called by /metrics, off the event loop)."""
         export_budget_metrics(self.budgets.values())
 
     def cache_for(self, cfg: HolySheepConfig) -> ResponseCache:
-        return self.caches[f"{cfg.namespace}/{cfg.name}"]
+        return self.served(cfg).cache
 
     def pricing_for(self, cfg: HolySheepConfig) -> Pricing:
-        return self.pricing[f"{cfg.namespace}/{cfg.name}"]
+        return self.served(cfg).pricing
 
 
 def _budget_store(redis_url: str | None) -> BudgetStore:

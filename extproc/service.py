@@ -21,11 +21,14 @@ from extproc import metrics
 from extproc.authz import Denied
 from extproc.errors import InternalError
 from extproc.identity import authenticated_caller, caller_from_node_metadata
-from extproc.processor import Answer, Processor, RequestProcessor
+from extproc.processor import Processor, RequestProcessor
 from extproc.spiffe import IdentityError
 from protos import messages as m
 
 log = logging.getLogger(__name__)
+
+EOF = grpc.aio.EOF
+ProcessingResponse = m.ProcessingResponse
 
 
 class ExternalProcessorService(pbg.ExternalProcessorServicer):
@@ -50,16 +53,30 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                 self.plane.runtime, self.plane.upstream, self.plane.spawn, identify=identify,
                 root_namespace=self.plane.options.root_namespace,
             )
-            loop = asyncio.get_running_loop()
+            read, write = context.read, context.write
             while True:
-                req = await context.read()
-                if req is grpc.aio.EOF:
+                req = await read()
+                if req is EOF:
                     return
                 phase = req.WhichOneof("request")
                 try:
-                    answer = _answer(proc, phase, req)
+                    # The phases in the order Envoy sends them; trailers are never asked for
+                    # (the filter's mode skips them) and are let through.
+                    if phase == "request_headers":
+                        answer = proc.request_headers(req)
+                    elif phase == "request_body":
+                        answer = proc.request_body(req)
+                    elif phase == "response_headers":
+                        answer = proc.response_headers(req)
+                    elif phase == "response_body":
+                        answer = proc.response_body(req)
+                    else:
+                        answer = m.CONTINUE_REQUEST_TRAILERS if phase == "request_trailers" else \
+                            m.CONTINUE_RESPONSE_TRAILERS
                     # Only a phase that needs I/O returns an awaitable: the hot path awaits nothing.
-                    resp = answer if isinstance(answer, m.ProcessingResponse) else await answer
+                    resp: m.ProcessingResponse = (
+                        answer if type(answer) is ProcessingResponse else await answer  # type: ignore[misc]
+                    )
                 except (Denied, IdentityError) as exc:
                     who = str(identity) if identity else f"peer {context.peer()}"
                     await _refuse(context, exc.reason, str(exc), who)
@@ -68,11 +85,17 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                     log.exception("ext_proc processing failed")
                     resp = proc.reject(InternalError())
                 if phase == "response_body":
-                    # Scheduled before the write is awaited: it runs once the ack is handed to
-                    # gRPC, and still runs if Envoy closes the stream right after the last ack.
-                    loop.call_soon(_after_response_body, proc, req)
-                await context.write(resp)
-                if _ends_exchange(req, resp):
+                    try:
+                        await write(resp)
+                    finally:
+                        # Once the ack is handed to gRPC, so it never delays the client; and
+                        # also when Envoy closes the stream right after the last ack.
+                        _after_response_body(proc, req)
+                    if req.response_body.end_of_stream or resp.HasField("immediate_response"):
+                        return  # see below
+                    continue
+                await write(resp)
+                if _ends_exchange(phase, req, resp):
                     # Envoy sends nothing after this answer, so close the stream now instead of
                     # parking a read that Envoy's reset would cancel: grpc.aio leaks the batch
                     # of every cancelled read (grpc/grpc#43360, ~80 B per request), and an OK
@@ -84,7 +107,6 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
-                metrics.flush()  # no other stream to share a write with: this one's counts now
 
 
 async def _refuse(context: grpc.aio.ServicerContext, reason: str, message: str, who: str) -> NoReturn:
@@ -95,29 +117,12 @@ async def _refuse(context: grpc.aio.ServicerContext, reason: str, message: str, 
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
-def _answer(proc: Processor, phase: str | None, req: m.ProcessingRequest) -> Answer:
-    """The processor's answer for one ext_proc message; trailers are never asked for (the
-    filter's mode skips them) and are let through."""
-    if phase == "request_headers":
-        return proc.request_headers(req)
-    if phase == "request_body":
-        return proc.request_body(req)
-    if phase == "response_headers":
-        return proc.response_headers(req)
-    if phase == "response_body":
-        return proc.response_body(req)
-    if phase == "request_trailers":
-        return m.CONTINUE_REQUEST_TRAILERS
-    return m.CONTINUE_RESPONSE_TRAILERS
-
-
-def _ends_exchange(req: m.ProcessingRequest, resp: m.ProcessingResponse) -> bool:
-    """Whether `resp` is the last answer Envoy waits for on this stream."""
+def _ends_exchange(phase: str | None, req: m.ProcessingRequest, resp: m.ProcessingResponse) -> bool:
+    """Whether `resp`, the answer to a message of `phase` other than a response body, is the
+    last answer Envoy waits for on this stream."""
     if resp.HasField("immediate_response"):
         return True
-    if req.HasField("response_body"):
-        return req.response_body.end_of_stream
-    if req.HasField("response_headers"):
+    if phase == "response_headers":
         # The filter's static mode sends no response body or trailers; only an override that
         # asks for the body (a successful AI answer, for usage and the cache) keeps it open.
         wants_body = resp.HasField("mode_override") and resp.mode_override.response_body_mode != m.ProcessingMode.NONE

@@ -6,9 +6,10 @@ hot path. Feeding the same bytes in any chunk split yields the same events.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
+
+from extproc import jsoncodec
 
 
 class SSEAssembler:
@@ -40,9 +41,19 @@ class SSEAssembler:
             if payload == b"[DONE]":
                 continue
             try:
-                yield json.loads(payload)
+                yield jsoncodec.loads(payload)
             except ValueError:
                 continue
+
+    def json_events_with(self, key: bytes) -> Iterator[Any]:
+        """``json_events`` that can hold ``key`` as an object key: those whose text has it, or
+        has an escape (a key may be spelled with ``\\u`` escapes). The others are not decoded."""
+        for payload in self.events:
+            if key in payload or b"\\u" in payload:
+                try:
+                    yield jsoncodec.loads(payload)
+                except ValueError:
+                    continue
 
 
 def _event_data(block: bytes) -> bytes | None:

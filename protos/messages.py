@@ -176,14 +176,6 @@ CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.Trailers
 CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 
 
-def headers_to_dict(headers: pb.HttpHeaders) -> dict[str, str]:
-    """Lower-cased header map; Envoy sends values in raw_value."""
-    out: dict[str, str] = {}
-    for h in headers.headers.headers:
-        out[h.key.lower()] = h.raw_value.decode("latin-1") if h.raw_value else h.value
-    return out
-
-
 # --- a translated answer (extproc/translated.py): headers and body in the client's API --------
 
 

@@ -292,10 +292,10 @@ def test_every_answer_on_a_budgeted_route_carries_the_headers(stack: Stack, redi
     team_e = workloads("team-e/app")
     upstream, backup = stack.mocks["upstream"], stack.mocks["backup"]
     stored = redis_client.Redis.from_url(redis.url)
-    cached_before = len(stored.keys("holysheep:v1:*"))
+    cached_before = len(stored.keys("holysheep:v2:*"))
     first = team_e.chat("remember me")
     assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "99"
-    wait_until(lambda: len(stored.keys("holysheep:v1:*")) > cached_before, what="the answer in the cache")
+    wait_until(lambda: len(stored.keys("holysheep:v2:*")) > cached_before, what="the answer in the cache")
     try:
         upstream.mode = "500"
         failover = team_e.chat("fail over")

@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from extproc.dev.envoy_bootstrap import EXTPROC_CLUSTER
 from extproc.dev.mock_provider import MockProvider
 from extproc.dev.processes import wait_until
+from extproc.metrics import FLUSH_DELAY
 from tests.harness import Stack, running
 
 pytestmark = pytest.mark.e2e
@@ -99,6 +100,18 @@ def per_worker(metrics_dir: Path, provider: str, status: str = "200") -> dict[in
     return out
 
 
+def settled_per_worker(metrics_dir: Path, provider: str, total: float | None = None) -> dict[int, float]:
+    """``per_worker`` once the counts in flight are written: a worker writes its counts at most
+    ``metrics.FLUSH_DELAY`` after a request. With ``total``, as soon as the workers' sum is that;
+    without, after twice that delay."""
+    if total is None:
+        time.sleep(2 * FLUSH_DELAY)
+        return per_worker(metrics_dir, provider)
+    wait_until(lambda: sum(per_worker(metrics_dir, provider).values()) == total, timeout=10 * FLUSH_DELAY + 5,
+               interval=0.02, what=f"{total:g} answers of {provider} in the workers' counter files")
+    return per_worker(metrics_dir, provider)
+
+
 def _api_requests(mock: MockProvider) -> list[Any]:
     return [r for r in mock.requests if r.path.endswith("/chat/completions")]
 
@@ -125,11 +138,12 @@ def test_two_workers_share_the_open_circuit(tmp_path: Path) -> None:
 
         n = 40
         assert _chat_many(s, "m", n, "w") == ["wa"] * n
-        served = per_worker(metrics_dir, "wa")
+        served = settled_per_worker(metrics_dir, "wa", n)
         assert set(served) == workers and sum(served.values()) == n
         assert all(v > 0 for v in served.values()), f"one worker got every stream: {served}"
         assert len(_api_requests(wa)) == n
-        assert f'holysheep_requests_total{{model="m",provider="wa",status="200"}} {float(n)}' in s.extproc.metrics()
+        wait_until(lambda: f'holysheep_requests_total{{model="m",provider="wa",status="200"}} {float(n)}'
+                   in s.extproc.metrics(), timeout=10 * FLUSH_DELAY + 5, what="both workers' counts on /metrics")
 
         # The primary fails. Failure counts are per worker and the open state is shared: the
         # first worker to count failureThreshold failures opens the circuit for both, so the
@@ -143,7 +157,7 @@ def test_two_workers_share_the_open_circuit(tmp_path: Path) -> None:
         failed = _api_requests(wa)[before:]
         assert all(r.status == 500 for r in failed)
         assert THRESHOLD <= len(failed) <= 2 * (THRESHOLD - 1) + 1, len(failed)
-        after_wb = per_worker(metrics_dir, "wb")
+        after_wb = settled_per_worker(metrics_dir, "wb", sum(before_wb.values()) + 40)
         assert all(after_wb[pid] - before_wb.get(pid, 0.0) >= 3 for pid in workers), \
             f"both workers must have routed requests while the circuit was open: {after_wb}"
         assert len(_api_requests(wa)) == before + len(failed), "an open circuit received a request"
@@ -183,9 +197,9 @@ def test_half_open_trials_across_workers(tmp_path: Path) -> None:
         xa.mode = "ok"
         wait_until(lambda: _chat_many(s, "trial-model", 1, "recover") == ["xa"], timeout=10 * TRIAL_RESET,
                    interval=0.01, what="a trial closes the circuit")
-        before = per_worker(metrics_dir, "xa")
+        before = settled_per_worker(metrics_dir, "xa")
         assert _chat_many(s, "trial-model", 30, "closed") == ["xa"] * 30
-        after = per_worker(metrics_dir, "xa")
+        after = settled_per_worker(metrics_dir, "xa", sum(before.values()) + 30)
         assert all(after[pid] - before.get(pid, 0.0) > 0 for pid in workers), (before, after)
 
 
