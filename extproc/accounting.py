@@ -18,7 +18,7 @@ from extproc.attempts import Attempt
 from extproc.cache import CachedResponse, ResponseCache, cache_key
 from extproc.identity import Caller
 from extproc.runtime import Pricing
-from extproc.sse import SSEAssembler
+from extproc.sse import events_with
 from extproc.upstream import MAX_RESPONSE_BYTES
 
 # Past the cache's entry limit only this much of a streamed answer is kept: its end, where a
@@ -48,18 +48,17 @@ def usage_of(body: bytes, schema: ApiSchema, streaming: bool) -> tuple[Usage | N
     """Usage from a JSON answer or the last SSE event that carries one; and whether it is whole."""
     if not streaming:
         try:
-            return schema.usage(jsoncodec.loads(body)), True
+            return schema.usage(jsoncodec.loads_for_reading(body)), True
         except ValueError:
             return None, False
-    sse = SSEAssembler()
-    sse.feed(body)
+    events, complete = events_with(body, b"usage")  # an event without the key carries no usage
     usage: Usage | None = None
-    for event in sse.json_events_with(b"usage"):  # an event without the key carries no usage
+    for event in events:
         found = schema.usage(event)
         if found is not None:
             usage = Usage(max(found.input_tokens, usage.input_tokens if usage else 0),
                           max(found.output_tokens, usage.output_tokens if usage else 0))
-    return usage, sse.complete
+    return usage, complete
 
 
 class ResponseCopy:

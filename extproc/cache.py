@@ -15,8 +15,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from extproc import jsoncodec, metrics
 from protos.spec import CacheSpec
@@ -24,8 +23,7 @@ from protos.spec import CacheSpec
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CachedResponse:
+class CachedResponse(NamedTuple):  # a tuple: built per stored answer (a frozen dataclass costs twice as much)
     status: int
     content_type: str
     body: bytes
@@ -43,9 +41,7 @@ class CachedResponse:
 def cache_key(tenant: str, endpoint: str, payload: dict[str, Any], strict: bool = False) -> str:
     """``strict``: the payload was parsed by orjson (extproc/jsoncodec.py); the key is the same
     for the same payload whatever its key order."""
-    digest = hashlib.sha256(_scope(tenant, endpoint))
-    digest.update(jsoncodec.canonical(payload, strict))
-    return "holysheep:v2:" + digest.hexdigest()
+    return "holysheep:v2:" + hashlib.sha256(_scope(tenant, endpoint) + jsoncodec.canonical(payload, strict)).hexdigest()
 
 
 _scopes: dict[tuple[str, str], bytes] = {}
@@ -95,14 +91,18 @@ class MemoryCache:
         size = len(value.body)
         if size > self.max_bytes or self.closed:  # closed: a request that outlived its config
             return
-        if key in self._data:
-            self._drop(key)
-        self._data[key] = (time.monotonic() + ttl, value)
+        data, entries = self._data, MemoryCache.live_entries
+        old = data.pop(key, None)
+        if old is not None:  # a newer answer for the same key: the entry count stays
+            self.bytes -= len(old[1].body)
+            MemoryCache.live_entries -= 1
+        data[key] = (time.monotonic() + ttl, value)
         self.bytes += size
         MemoryCache.live_entries += 1
-        while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
-            self._drop(next(iter(self._data)))
-        _report_entries()
+        while len(data) > self.max_entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(data)))
+        if MemoryCache.live_entries != entries:  # a newer answer for a key, nothing evicted: no change
+            _report_entries()
 
     def close(self) -> None:
         self.closed = True
@@ -115,6 +115,9 @@ class MemoryCache:
         _, value = self._data.pop(key)
         self.bytes -= len(value.body)
         MemoryCache.live_entries -= 1
+
+
+_STORED = metrics.CACHE_EVENTS.labels("store")
 
 
 def _report_entries() -> None:
@@ -181,8 +184,8 @@ class ResponseCache:
         if len(value.body) > self.spec.max_entry_bytes:
             return None
         self.memory.put(key, value, self.spec.ttl)
-        metrics.CACHE_EVENTS.labels("store").inc()
-        return self._redis_set(key, value) if self._redis_usable() else None
+        _STORED.inc()
+        return self._redis_set(key, value) if self._redis is not None and self._redis_usable() else None
 
     async def _redis_set(self, key: str, value: CachedResponse) -> None:
         try:

@@ -46,6 +46,15 @@ def loads(data: bytes) -> Any:
     return loads_strict(data)[0]
 
 
+def loads_for_reading(data: bytes) -> Any:
+    """A value to read fields from (an answer's usage), not to re-encode: orjson's, with its
+    floats for integers past 64 bits (no token count is that large), else json.loads'."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def canonical(value: Any, strict: bool) -> bytes:
     """A canonical UTF-8 text of a parsed JSON value (sorted keys, no spaces), injective over
     values; ``strict``: the value came from ``loads_strict`` by orjson."""

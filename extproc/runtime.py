@@ -21,6 +21,7 @@ from extproc.budget_store import BudgetStore, MemoryBudgetStore, RedisBudgetStor
 from extproc.budgets import BudgetEngine, export_budget_metrics
 from extproc.cache import ResponseCache
 from extproc.credentials import CredentialStore
+from extproc.identity import Identify, authenticated_caller
 from extproc.routing import RouteMatch, RouteTable
 from extproc.shared_state import breaker_slot
 from extproc.spiffe import XFCC_HEADER, WorkloadIdentity
@@ -39,10 +40,10 @@ class Provider:
     timeout: float
     adapter: ProviderAdapter  # how requests to it are addressed, authenticated (and translated)
     remove_headers: list[str] = field(default_factory=list)
+    name: str = field(init=False)  # spec.name, read several times per request
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    def __post_init__(self) -> None:
+        self.name = self.spec.name
 
 
 class Pricing:
@@ -131,11 +132,21 @@ class Runtime:
         # Scope answers per caller, for this runtime's configs: authz's functions are pure over
         # (identity, configs, root namespace), and a runtime's configs never change.
         self._scope_memo: dict[tuple[WorkloadIdentity, str], str | None] = {}
+        self._identify_memo: dict[WorkloadIdentity, Identify] = {}
         self._route_memo: dict[tuple[WorkloadIdentity, str, str], RouteMatch | tuple[str, str] | None] = {}
 
     @staticmethod
     def served_key(cfg: HolySheepConfig) -> str:
         return f"{cfg.namespace}/{cfg.name}"
+
+    def identify_for(self, identity: WorkloadIdentity) -> Identify:
+        """``identity.authenticated_caller`` over this runtime's configs, one per caller."""
+        found = self._identify_memo.get(identity)
+        if found is None:
+            found = authenticated_caller(identity, self.configs)
+            if len(self._identify_memo) < MAX_REMEMBERED:
+                self._identify_memo[identity] = found
+        return found
 
     def scope_denial(self, identity: WorkloadIdentity, root_namespace: str) -> str | None:
         """``authz.scope_denial`` over this runtime's configs, remembered per caller."""

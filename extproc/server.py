@@ -74,6 +74,7 @@ class DataPlane:
         self.shutting_down = False
         self._config_digest = b""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.root_namespace = options.root_namespace  # read per stream
 
     @property
     def ready(self) -> bool:

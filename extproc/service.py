@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from extproc import metrics
 from extproc.authz import Denied
 from extproc.errors import InternalError
-from extproc.identity import authenticated_caller, caller_from_node_metadata
+from extproc.identity import Identify, authenticated_caller, caller_from_node_metadata
 from extproc.processor import Processor, RequestProcessor
 from extproc.spiffe import IdentityError
 from protos import messages as m
@@ -47,12 +47,16 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                 identity = self.plane.authenticate(context)
             except IdentityError as exc:
                 await _refuse(context, exc.reason, str(exc), f"peer {context.peer()}")
-            configs = self.plane.runtime.configs if self.plane.runtime is not None else ()
-            identify = authenticated_caller(identity, configs) if identity is not None else caller_from_node_metadata
-            proc: Processor = RequestProcessor(
-                self.plane.runtime, self.plane.upstream, self.plane.spawn, identify=identify,
-                root_namespace=self.plane.options.root_namespace,
-            )
+            plane = self.plane
+            runtime = plane.runtime
+            identify: Identify
+            if identity is None:
+                identify = caller_from_node_metadata
+            elif runtime is not None:
+                identify = runtime.identify_for(identity)
+            else:
+                identify = authenticated_caller(identity, ())
+            proc: Processor = RequestProcessor(runtime, plane.upstream, plane.spawn, identify, plane.root_namespace)
             read, write = context.read, context.write
             while True:
                 req = await read()
@@ -90,7 +94,10 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                     finally:
                         # Once the ack is handed to gRPC, so it never delays the client; and
                         # also when Envoy closes the stream right after the last ack.
-                        _after_response_body(proc, req)
+                        try:
+                            proc.after_response_body(req)
+                        except Exception:
+                            log.exception("response accounting failed")
                     if req.response_body.end_of_stream or resp.HasField("immediate_response"):
                         return  # see below
                     continue
@@ -128,10 +135,3 @@ def _ends_exchange(phase: str | None, req: m.ProcessingRequest, resp: m.Processi
         wants_body = resp.HasField("mode_override") and resp.mode_override.response_body_mode != m.ProcessingMode.NONE
         return req.response_headers.end_of_stream or not wants_body
     return False
-
-
-def _after_response_body(proc: Processor, req: m.ProcessingRequest) -> None:
-    try:
-        proc.after_response_body(req)
-    except Exception:
-        log.exception("response accounting failed")

@@ -45,15 +45,26 @@ class SSEAssembler:
             except ValueError:
                 continue
 
-    def json_events_with(self, key: bytes) -> Iterator[Any]:
-        """``json_events`` that can hold ``key`` as an object key: those whose text has it, or
-        has an escape (a key may be spelled with ``\\u`` escapes). The others are not decoded."""
-        for payload in self.events:
-            if key in payload or b"\\u" in payload:
-                try:
-                    yield jsoncodec.loads(payload)
-                except ValueError:
-                    continue
+
+def events_with(body: bytes, key: bytes) -> tuple[list[Any], bool]:
+    """A whole stream's answer read at once, as ``SSEAssembler`` would read it fed in any chunks:
+    the JSON of the complete events that can hold ``key`` as an object key (whose text has it,
+    or has an escape, since a key may be spelled with ``\\u`` escapes), and whether the stream
+    ended complete. The other events are neither split into lines nor decoded: a streamed
+    answer's usage is one event of many."""
+    data = body.replace(b"\r\n", b"\n")
+    *blocks, rest = data.split(b"\n\n")
+    found: list[Any] = []
+    if key in data or b"\\u" in data:
+        for block in blocks:
+            if key in block or b"\\u" in block:
+                payload = _event_data(block)
+                if payload is not None and payload != b"[DONE]":
+                    try:
+                        found.append(jsoncodec.loads_for_reading(payload))
+                    except ValueError:
+                        continue
+    return found, not rest.strip()
 
 
 def _event_data(block: bytes) -> bytes | None:

@@ -58,7 +58,11 @@ def adapter_for(spec: ProviderSpec, credentials: CredentialStore) -> ProviderAda
 
 def client_api(endpoint: Endpoint) -> str | None:
     """The API family of the client's endpoint (None for one no translator knows)."""
-    return API_OF_ENDPOINT.get(endpoint.suffix.partition("?")[0].rstrip("/"))
+    suffix = endpoint.suffix
+    found = API_OF_ENDPOINT.get(suffix)  # a suffix without a query: the usual case, one lookup
+    if found is None and "?" in suffix:
+        found = API_OF_ENDPOINT.get(suffix.partition("?")[0].rstrip("/"))
+    return found
 
 
 class TranslatingAdapter(ProviderAdapter):

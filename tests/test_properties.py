@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from extproc.api import parse_body
 from extproc.errors import ClientError
 from extproc.routing import RouteTable
-from extproc.sse import SSEAssembler
+from extproc import jsoncodec
+from extproc.sse import SSEAssembler, events_with
 from protos.spec import ConfigError, load_text, parse_document
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -216,3 +217,83 @@ def test_config_loader_any_text_is_valid_or_a_config_error(text: str) -> None:
         load_text(text)
     except ConfigError as err:
         assert str(err).startswith(("config", "document")), str(err)
+
+
+sse_events = st.lists(st.tuples(
+    st.sampled_from([b'{"usage":{"prompt_tokens":1}}', b'{"\\u0075sage":{"prompt_tokens":2}}', b'{"x":"usage"}',
+                     b'{"choices":[]}', b"[DONE]", b"not json", b'{"message":{"usage":{}}}']),
+    st.sampled_from([b"", b": usage comment\n", b"event: x\n"]),
+), max_size=6)
+
+
+@FAST
+@given(sse_events, st.binary(max_size=120), st.booleans(), st.lists(st.integers(min_value=0, max_value=600), max_size=12),
+       st.sampled_from([b"usage", b"u", b"data"]))
+def test_events_with_a_key_are_what_the_assembler_decodes(events: list[tuple[bytes, bytes]], tail: bytes, crlf: bool,
+                                                          cuts: list[int], key: bytes) -> None:
+    """The whole-answer scan (usage accounting) finds every decodable event that holds the key,
+    in order, and the same completeness, as the assembler fed the answer in any chunks."""
+    stream = b"".join(extra + b"data: " + payload + b"\n\n" for payload, extra in events)
+    stream += tail.replace(b"x", b"\n").replace(b"y", b"\r").replace(b"z", b"data:")  # whatever else comes
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    sse = SSEAssembler()
+    prev = 0
+    for point in [*sorted({min(c, len(stream)) for c in cuts}), len(stream)]:
+        sse.feed(stream[prev:point])
+        prev = point
+    found, complete = events_with(stream, key)
+    decoded: list[tuple[bytes, Any]] = []
+    for payload in sse.events:
+        if payload != b"[DONE]":
+            try:
+                decoded.append((payload, _typed(json.loads(payload))))
+            except ValueError:
+                pass
+    with_key = [event for payload, event in decoded if key in payload or b"\\u" in payload]
+    assert complete == sse.complete
+    # Every event whose data has the key, in order; beyond them only other events of the stream
+    # (a key in a comment line lets its event through), never one that is not there.
+    assert _subsequence(with_key, [_typed(e) for e in found])
+    assert _subsequence([_typed(e) for e in found], [event for _, event in decoded])
+
+
+def _subsequence(part: list[Any], whole: list[Any]) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+json_texts = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10 ** 30), max_value=10 ** 30)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=16,
+).map(json.dumps)
+
+
+@FAST
+@given(json_texts, st.sampled_from(["", " ", "\n"]), st.booleans())
+def test_jsoncodec_gives_json_loads_answer(text: str, pad: str, surrogate: bool) -> None:
+    """orjson where it agrees, json.loads for the rest (NaN, big integers, lone surrogates): the
+    value is json.loads' own, equal type for type; and a canonical text is the same for equal
+    values whichever library read them."""
+    if surrogate:
+        text = f'{{"s": "\\ud800", "v": {text}}}'
+    data = (pad + text + pad).encode()
+    value, strict = jsoncodec.loads_strict(data)
+    expected = json.loads(data)
+    assert _typed(value) == _typed(expected)
+    if strict:
+        assert jsoncodec.dumps(value, strict) and json.loads(jsoncodec.dumps(value, strict)) == value
+    assert jsoncodec.canonical(value, strict) == jsoncodec.canonical(expected, strict)
+
+
+def _typed(value: Any) -> Any:
+    """A value with each number's type and NaN made comparable."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, float):
+        return ("float", "nan" if value != value else value)
+    return (type(value).__name__, value)
