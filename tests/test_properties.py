@@ -9,10 +9,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from extproc import jsoncodec
 from extproc.api import parse_body
 from extproc.errors import ClientError
 from extproc.routing import RouteTable
-from extproc import jsoncodec
 from extproc.sse import SSEAssembler, events_with
 from protos.spec import ConfigError, load_text, parse_document
 
@@ -227,7 +227,8 @@ sse_events = st.lists(st.tuples(
 
 
 @FAST
-@given(sse_events, st.binary(max_size=120), st.booleans(), st.lists(st.integers(min_value=0, max_value=600), max_size=12),
+@given(sse_events, st.binary(max_size=120), st.booleans(),
+       st.lists(st.integers(min_value=0, max_value=600), max_size=12),
        st.sampled_from([b"usage", b"u", b"data"]))
 def test_events_with_a_key_are_what_the_assembler_decodes(events: list[tuple[bytes, bytes]], tail: bytes, crlf: bool,
                                                           cuts: list[int], key: bytes) -> None:
