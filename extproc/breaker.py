@@ -90,6 +90,8 @@ class CircuitBreaker:
         return True
 
     def record_success(self) -> None:
+        if self._state is State.CLOSED and not self.failures and not self.trial_in_flight:
+            return  # the usual answer: nothing to change
         self.failures = 0
         self.trial_in_flight = False
         if self._state is not State.CLOSED and self.shared is not None and self.shared.get() <= time.monotonic():

@@ -238,8 +238,8 @@ class RequestProcessor:
             return m.CONTINUE_RESPONSE_HEADERS
         status = _status(req.response_headers)
         provider = attempt.provider
-        metrics.UPSTREAM_LATENCY.labels(provider.name).observe(time.monotonic() - self.started)
-        provider_header, passed_on = _provider_answer(provider.name)
+        provider_header, passed_on, latency = _provider_answer(provider.name)
+        latency.observe(time.monotonic() - self.started)
         if is_failure(status):
             self._failed(attempt, status)
             if self.parsed is None:  # bodyless call: nothing to fail over with
@@ -351,16 +351,18 @@ class RequestProcessor:
         return m.immediate_response(err.status, headers, err.body, f"holysheep_{err.code}")
 
 
-# Per provider name: its x-holysheep-provider header and the shared answer that passes its
-# successful answer on (the body STREAMED for usage and the cache). Names come from configs.
-_provider_answers: dict[str, tuple[m.HeaderList, m.ProcessingResponse]] = {}
+# Per provider name: its x-holysheep-provider header, the shared answer that passes its
+# successful answer on (the body STREAMED for usage and the cache), and its latency histogram.
+# Names come from configs.
+_provider_answers: dict[str, tuple[m.HeaderList, m.ProcessingResponse, Any]] = {}
 
 
-def _provider_answer(name: str) -> tuple[m.HeaderList, m.ProcessingResponse]:
+def _provider_answer(name: str) -> tuple[m.HeaderList, m.ProcessingResponse, Any]:
     found = _provider_answers.get(name)
     if found is None:
         header = ((PROVIDER_HEADER, name.encode()),)
-        found = header, m.shared_response_headers_response(header, m.STREAMED_RESPONSE)
+        found = (header, m.shared_response_headers_response(header, m.STREAMED_RESPONSE),
+                 metrics.UPSTREAM_LATENCY.labels(name))
         if len(_provider_answers) < 1024:
             _provider_answers[name] = found
     return found
