@@ -12,10 +12,9 @@ valid and what it means:
   orjson: any run of 19 digits in the body sends it to ``json.loads`` (looked for only when the
   body has 19 digits at all, a count that costs a tenth of the search).
 
-``Parsed.strict`` says orjson read it. Only then does ``canonical`` (the cache key's form) and
-``dumps`` use orjson: its output is then a faithful encoding of the value (finite floats, 64-bit
-integers, valid Unicode), and canonical texts from the two libraries never collide, since they
-carry a different first byte.
+``loads_strict`` also says whether orjson read it: then orjson's encoders are faithful to the
+value (finite floats, 64-bit integers, valid Unicode) without a check. ``canonical`` (the cache
+key's form) depends on the value alone, so equal requests share a key however they were read.
 """
 
 from __future__ import annotations
@@ -55,15 +54,38 @@ def loads_for_reading(data: bytes) -> Any:
         return json.loads(data)
 
 
-def canonical(value: Any, strict: bool) -> bytes:
-    """A canonical UTF-8 text of a parsed JSON value (sorted keys, no spaces), injective over
-    values; ``strict``: the value came from ``loads_strict`` by orjson."""
-    if strict:
-        return b"o" + orjson.dumps(value, option=_SORTED)
+def canonical(value: Any, strict: bool = False) -> bytes:
+    """A canonical UTF-8 text of a parsed JSON value (sorted keys, no spaces): a function of the
+    value alone, whichever library read it, and injective over values. orjson's when it encodes
+    the value faithfully (``strict``: it read it, so it does), else the standard library's; the
+    two forms start with different bytes, so they never collide."""
+    if strict or _finite(value):
+        try:
+            return b"o" + orjson.dumps(value, option=_SORTED)
+        except orjson.JSONEncodeError:  # an integer past 64 bits, a lone surrogate: not faithful
+            pass
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # surrogatepass: JSON may carry lone surrogate escapes ("\ud800"), which strict UTF-8 cannot
     # encode; the text must still be injective and must never raise.
     return b"j" + text.encode("utf-8", "surrogatepass")
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value`` (orjson would write them as null)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if item != item or item in (_INF, -_INF):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+_INF = float("inf")
 
 
 def dumps(value: Any, strict: bool) -> bytes:
