@@ -79,7 +79,7 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                             m.CONTINUE_RESPONSE_TRAILERS
                     # Only a phase that needs I/O returns an awaitable: the hot path awaits nothing.
                     resp: m.ProcessingResponse = (
-                        answer if type(answer) is ProcessingResponse else await answer  # type: ignore[misc]
+                        answer if type(answer) is ProcessingResponse else await answer
                     )
                 except (Denied, IdentityError) as exc:
                     who = str(identity) if identity else f"peer {context.peer()}"
