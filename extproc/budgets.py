@@ -150,17 +150,6 @@ class BudgetFigures:
     used: Counts
     reset: float  # seconds until its window ends
 
-    def used_of(self, unit: str) -> float:
-        return self.used[_UNIT[unit]]
-
-    def remaining(self, unit: str) -> float:
-        limit = self.budget.limit(unit)
-        return 0 if limit is None else max(0, limit - self.used_of(unit))
-
-    def remaining_fraction(self, unit: str) -> float:
-        limit = self.budget.limit(unit)
-        return 0.0 if not limit else self.remaining(unit) / limit
-
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -253,9 +242,6 @@ class BudgetEngine:
 
     def budget(self, name: str) -> Budget:
         return next(b for b in self.budgets if b.name == name)
-
-    def matching(self, namespace: str, service_account: str) -> tuple[BudgetSpec, ...]:
-        return tuple(b.spec for b in self._match(namespace, service_account))
 
     def _match(self, namespace: str, service_account: str) -> tuple[Budget, ...]:
         found = self._matching.get((namespace, service_account))

@@ -130,6 +130,7 @@ class ResponseCache:
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
+        self.enabled = spec.mode != "Off"
         # Memory is bounded to maxEntries entries and maxEntries * maxEntryBytes / 8 bytes at most
         # 256 MiB, since entries are usually far below the per-entry limit.
         max_bytes = min(256 << 20, max(spec.max_entry_bytes, spec.max_entries * spec.max_entry_bytes // 8))
@@ -148,9 +149,6 @@ class ResponseCache:
             )
             self._redis = aioredis.Redis.from_pool(pool)
 
-    @property
-    def enabled(self) -> bool:
-        return self.spec.mode != "Off"
 
     def _redis_usable(self) -> bool:
         return self._redis is not None and time.monotonic() >= self._redis_down_until

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -47,20 +47,21 @@ class Caller:
     claimed_tenant: str = ""  # from a client header: used only by the insecure dev mode
     service_account: str = ""
     identity: WorkloadIdentity | None = None  # None only under --insecure-no-identity
+    # Cache scope. An authenticated identity is the scope, whatever the caller claims.
+    tenant: str = field(init=False, compare=False)
+    # (workload_namespace, service_account, workload): the workload metrics' labels.
+    labels: tuple[str, str, str] = field(init=False, compare=False)
 
-    @property
-    def tenant(self) -> str:
-        """Cache scope. An authenticated identity is the scope, whatever the caller claims."""
+    def __post_init__(self) -> None:
+        # Computed once: a Caller is immutable, and the same one serves many requests (_caller).
         if self.identity is not None:
-            return f"id:{self.identity.spiffe_id}"
-        if self.workload:
-            return f"workload:{self.namespace}/{self.workload}"
-        return f"header:{self.claimed_tenant}" if self.claimed_tenant else ""
-
-    @property
-    def labels(self) -> tuple[str, str, str]:
-        """(workload_namespace, service_account, workload): the workload metrics' labels."""
-        return self.namespace, self.service_account, self.workload
+            tenant = f"id:{self.identity.spiffe_id}"
+        elif self.workload:
+            tenant = f"workload:{self.namespace}/{self.workload}"
+        else:
+            tenant = f"header:{self.claimed_tenant}" if self.claimed_tenant else ""
+        object.__setattr__(self, "tenant", tenant)
+        object.__setattr__(self, "labels", (self.namespace, self.service_account, self.workload))
 
 
 ANONYMOUS = Caller()

@@ -231,7 +231,6 @@ CONFIG_RELOADS = Counter("holysheep_config_reloads", "Config reload attempts, by
 # the replicas, with Redis), so in multiprocess mode the replica's figure is the most recent any
 # worker wrote (``max`` would keep the last window's peak after the window turned, ``sum`` would
 # add the same counter once per worker); they are set at scrape time (export_budget_metrics).
-BUDGET_UNITS = ("requests", "tokens", "usd")
 BUDGET_USED = Gauge(
     "holysheep_budget_used",
     "Usage in the current window of the budget's most used counter (per ServiceAccount or Namespace: the "

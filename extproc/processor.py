@@ -85,7 +85,7 @@ class RequestProcessor:
         # the default, nothing authenticated, is the insecure dev mode's (and the unit tests').
         self.identify = identify
         self.root_namespace = root_namespace
-        self.info = RequestInfo()
+        self.info = _NO_INFO
         self.caller: Caller = ANONYMOUS
         # Set by the body phase; None for a bodyless call.
         self.endpoint: Endpoint | None = None
@@ -322,7 +322,7 @@ class RequestProcessor:
         if chunk and translation is None:  # a translated answer was copied as the client got it
             copy.feed(chunk)
         if req.response_body.end_of_stream and attempt is not None and self.ledger is not None:
-            content_type = "text/event-stream" if self._streaming else "application/json"
+            content_type = "text/event-stream" if self.ledger.parsed.stream else "application/json"
             counted = translation.counted if translation is not None else None
             self.ledger.settle(attempt, copy.body, self.answer_status, content_type, whole=copy.whole,
                                counted=counted)
@@ -350,6 +350,8 @@ class RequestProcessor:
                    *self.rate_headers]
         return m.immediate_response(err.status, headers, err.body, f"holysheep_{err.code}")
 
+
+_NO_INFO = RequestInfo("/", "", "POST")  # before the request-headers message: nothing to read
 
 # Per provider name: its x-holysheep-provider header, the shared answer that passes its
 # successful answer on (the body STREAMED for usage and the cache), and its latency histogram.
