@@ -243,6 +243,10 @@ class BudgetEngine:
     def budget(self, name: str) -> Budget:
         return next(b for b in self.budgets if b.name == name)
 
+    def matching(self, namespace: str, service_account: str) -> tuple[BudgetSpec, ...]:
+        """The budgets that apply to a caller, in config order."""
+        return tuple(b.spec for b in self._match(namespace, service_account))
+
     def _match(self, namespace: str, service_account: str) -> tuple[Budget, ...]:
         found = self._matching.get((namespace, service_account))
         if found is None:
