@@ -91,5 +91,8 @@ _INF = float("inf")
 def dumps(value: Any, strict: bool) -> bytes:
     """A compact JSON body for a parsed value (``strict`` as for ``canonical``)."""
     if strict:
-        return orjson.dumps(value)
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
+            pass
     return json.dumps(value, separators=(",", ":")).encode()

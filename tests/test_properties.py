@@ -298,3 +298,12 @@ def _typed(value: Any) -> Any:
     if isinstance(value, float):
         return ("float", "nan" if value != value else value)
     return (type(value).__name__, value)
+
+
+def test_jsoncodec_encodes_what_orjson_cannot_write() -> None:
+    """orjson reads 1024 levels but writes 254: a body nested deeper still re-encodes (a backend
+    that rewrites the model) and still has a cache key, both by the standard library."""
+    body = b'{"model": "m", "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    value, strict = jsoncodec.loads_strict(body)
+    assert strict and json.loads(jsoncodec.dumps(value, strict)) == json.loads(body)
+    assert jsoncodec.canonical(value, strict) == jsoncodec.canonical(json.loads(body))
