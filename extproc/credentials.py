@@ -118,7 +118,9 @@ class CredentialStore:
             else:
                 self._bad.add(path)
             previous = self._files.get(path)
-            if value and (previous is None or previous.reveal() != value):
+            if value and previous is not None and previous.reveal() == value:
+                continue  # unchanged: the same object, so what was built from it stays valid
+            if value:
                 log.info("credential loaded", extra={"secret_file": path})
             self._files[path] = Credential(value) if value else None
 
