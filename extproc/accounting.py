@@ -31,12 +31,9 @@ Spawn = Callable[[Coroutine[Any, Any, None]], None]
 def count_answer(attempt: Attempt, status: int, caller: Caller) -> None:
     """A provider answered (successfully, or with a client error); the attempt keeps the series
     its usage goes to."""
-    series = attempt.series = metrics.answer_series(attempt.provider.name, attempt.label, _STATUS.get(status) or
-                                                    str(status), caller.labels if caller.workload else None)
+    series = attempt.series = metrics.answer_series(attempt.provider.name, attempt.label, str(status),
+                                                    caller.labels if caller.workload else None)
     series.answered()
-
-
-_STATUS = {code: str(code) for code in range(100, 600)}
 
 
 def count_failure(attempt: Attempt, status: int) -> None:

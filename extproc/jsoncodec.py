@@ -40,11 +40,6 @@ def loads_strict(data: bytes) -> tuple[Any, bool]:
     return json.loads(data), False
 
 
-def loads(data: bytes) -> Any:
-    """``json.loads(data)``, by orjson where it gives the same value."""
-    return loads_strict(data)[0]
-
-
 def loads_for_reading(data: bytes) -> Any:
     """A value to read fields from (an answer's usage), not to re-encode: orjson's, with its
     floats for integers past 64 bits (no token count is that large), else json.loads'."""

@@ -203,10 +203,6 @@ class Runtime:
             return Served(self.caches[key], self.pricing[key], self.budgets.get(key), key)
         return found
 
-    def budgets_for(self, cfg: HolySheepConfig) -> BudgetEngine | None:
-        """The config's budgets; None when it has none (no admission, no headers)."""
-        return self.served(cfg).budgets
-
     def export_budget_metrics(self) -> None:
         """The budget gauges, from the counters (called by /metrics, off the event loop)."""
         export_budget_metrics(self.budgets.values())
@@ -214,8 +210,6 @@ class Runtime:
     def cache_for(self, cfg: HolySheepConfig) -> ResponseCache:
         return self.served(cfg).cache
 
-    def pricing_for(self, cfg: HolySheepConfig) -> Pricing:
-        return self.served(cfg).pricing
 
 
 def _budget_store(redis_url: str | None) -> BudgetStore:

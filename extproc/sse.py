@@ -6,7 +6,6 @@ hot path. Feeding the same bytes in any chunk split yields the same events.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from extproc import jsoncodec
@@ -35,15 +34,6 @@ class SSEAssembler:
     def complete(self) -> bool:
         """True when nothing is left half-received (a cut stream is not cached)."""
         return not self._pending.strip()
-
-    def json_events(self) -> Iterator[Any]:
-        for payload in self.events:
-            if payload == b"[DONE]":
-                continue
-            try:
-                yield jsoncodec.loads(payload)
-            except ValueError:
-                continue
 
 
 def events_with(body: bytes, key: bytes) -> tuple[list[Any], bool]:

@@ -62,10 +62,10 @@ def request_body_response(
     return resp
 
 
-# Shared answers: the same header set (an attempt's mutations, the provider header) gives the
-# same message, so it is built once (~10 us for a request body's mutations: upb message
-# construction) and only serialised afterwards. Bounded: cleared when full, since keys carry
-# per-provider paths and credentials (which rotate).
+# Shared answers: the same header set (the provider header of a passed-on answer) gives the
+# same message, so it is built once (upb message construction costs microseconds) and only
+# serialised afterwards. Bounded: cleared when full. (A request body's shared answer lives with
+# its header set: extproc/adapter.py, Passthrough.)
 _SHARED_MAX = 512
 _shared: dict[tuple[object, ...], pb.ProcessingResponse] = {}
 
@@ -75,14 +75,6 @@ def _remember(key: tuple[object, ...], resp: pb.ProcessingResponse) -> pb.Proces
         _shared.clear()
     _shared[key] = resp
     return resp
-
-
-def shared_request_body_response(set_headers: HeaderList, remove: Sequence[str]) -> pb.ProcessingResponse:
-    """``request_body_response(set_headers, remove, None, None)`` (the client's body goes on
-    unchanged), built once per header set. The message is shared: never mutate it."""
-    key = ("request_body", tuple(set_headers), tuple(remove))
-    resp = _shared.get(key)
-    return resp if resp is not None else _remember(key, request_body_response(set_headers, remove, None, None))
 
 
 def shared_response_headers_response(
