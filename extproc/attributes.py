@@ -45,16 +45,35 @@ class RequestInfo:
         return self._method
 
     def _read_pseudo_headers(self) -> None:
-        path = None
+        # Envoy sends the pseudo-headers first, in lower case (HTTP/2 requires both, and Envoy's
+        # header map keeps them in front): read them up to the first regular header, since each
+        # header read costs Python objects. A list not shaped so (none Envoy sends) lacks one of
+        # the three up front and is read whole, case-insensitively, as before.
+        path = host = method = None
         for h in self._headers:
-            key = h.key.lower()
+            key = h.key
+            if key[:1] != ":":
+                break
             if key == ":path":
                 path = _text(h)
             elif key == ":authority":
-                self._host = _text(h)
+                host = _text(h)
             elif key == ":method":
-                self._method = _text(h)
+                method = _text(h)
+        if path is None or host is None or method is None:
+            for h in self._headers:
+                key = h.key.lower()
+                if key == ":path":
+                    path = _text(h)
+                elif key == ":authority":
+                    host = _text(h)
+                elif key == ":method":
+                    method = _text(h)
         self._path = path if path is not None else "/"
+        if host is not None:
+            self._host = host
+        if method is not None:
+            self._method = method
 
     def header(self, name: str) -> str:
         """A header's value as latin-1 text ("" when absent); ``name`` in lower case."""
@@ -67,7 +86,8 @@ class RequestInfo:
 
 def _text(h: Any) -> str:
     """A header's value: Envoy sends it in raw_value (bytes, read as latin-1)."""
-    return h.raw_value.decode("latin-1") if h.raw_value else h.value
+    raw = h.raw_value
+    return raw.decode("latin-1") if raw else h.value
 
 
 def request_info(req: ProcessingRequest) -> RequestInfo:

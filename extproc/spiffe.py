@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -51,6 +51,15 @@ class WorkloadIdentity:
     trust_domain: str
     namespace: str
     service_account: str
+    # Every per-caller memo is keyed by the identity (several lookups a request), and a frozen
+    # dataclass's generated __hash__ hashes its fields each time: hashed once instead.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.trust_domain, self.namespace, self.service_account)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def spiffe_id(self) -> str:

@@ -307,3 +307,56 @@ def test_jsoncodec_encodes_what_orjson_cannot_write() -> None:
     value, strict = jsoncodec.loads_strict(body)
     assert strict and json.loads(jsoncodec.dumps(value, strict)) == json.loads(body)
     assert jsoncodec.canonical(value, strict) == jsoncodec.canonical(json.loads(body))
+
+
+# Header names: the three pseudo-headers RequestInfo reads (in either case), others, regular ones.
+header_names = st.sampled_from([":path", ":authority", ":method", ":PATH", ":Authority", ":scheme", ":status",
+                                "content-type", "x-request-id", "Host", ""])
+header_lists = st.lists(st.tuples(header_names, st.binary(max_size=12)), max_size=10)
+
+
+def _headers_message(pairs: list[tuple[str, bytes]]) -> Any:
+    from envoy.config.core.v3 import base_pb2
+
+    return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in pairs]).headers
+
+
+def _as_a_map_reads_it(pairs: list[tuple[str, bytes]]) -> tuple[str, str, str]:
+    """What a case-insensitive map built from the whole list (the last repeat wins) says."""
+    seen = {k.lower(): v.decode("latin-1") for k, v in pairs}
+    return seen.get(":path", "/"), seen.get(":authority", ""), seen.get(":method", "POST")
+
+
+@FAST
+@given(st.permutations([(":authority", b"api.example"), (":path", b"/v1/chat/completions"), (":method", b"POST"),
+                        (":scheme", b"https")]),
+       st.lists(st.tuples(st.sampled_from(["content-type", "x-request-id", "Host", ":path", ":authority"]),
+                          st.binary(max_size=12)), max_size=6))
+def test_request_info_reads_envoys_pseudo_headers_up_front(pseudo: list[tuple[str, bytes]],
+                                                             regular: list[tuple[str, bytes]]) -> None:
+    """Envoy's lists: the pseudo-headers first (any order). Only they are read, whatever follows."""
+    from extproc.attributes import RequestInfo
+
+    # Repeats of a pseudo-header after a regular one (Envoy never sends them) are not read.
+    plain = [(k, v) for k, v in regular if not k.startswith(":")]
+    regular = plain + [(k, v) for k, v in regular if k.startswith(":")] if plain else []
+    info = RequestInfo(headers=_headers_message(pseudo + regular))
+    assert (info.path, info.host, info.method) == _as_a_map_reads_it(pseudo)
+
+
+@FAST
+@given(header_lists)
+def test_request_info_reads_any_list_lacking_them_up_front_as_a_map_does(pairs: list[tuple[str, bytes]]) -> None:
+    """A list that does not start with all three lower-case pseudo-headers (none Envoy sends) is
+    read whole: case-insensitively, the last repeat winning."""
+    from extproc.attributes import RequestInfo
+
+    lead = []
+    for k, _ in pairs:
+        if not k.startswith(":"):
+            break
+        lead.append(k)
+    if {":path", ":authority", ":method"} <= set(lead):
+        return  # the up-front case: the test above
+    info = RequestInfo(headers=_headers_message(pairs))
+    assert (info.path, info.host, info.method) == _as_a_map_reads_it(pairs)
