@@ -6,7 +6,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from protos.messages import ProcessingRequest
+from protos.messages import HttpHeaders, ProcessingRequest
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
@@ -90,9 +90,9 @@ def _text(h: Any) -> str:
     return raw.decode("latin-1") if raw else h.value
 
 
-def request_info(req: ProcessingRequest) -> RequestInfo:
-    """From the request-headers message (its fields read when first asked for)."""
-    return RequestInfo(headers=req.request_headers.headers.headers)
+def request_info(headers: HttpHeaders) -> RequestInfo:
+    """From the request-headers message's ``request_headers`` (read when first asked for)."""
+    return RequestInfo(headers=headers.headers.headers)
 
 
 def attributes(req: ProcessingRequest) -> struct_pb2.Struct | None:

@@ -109,14 +109,15 @@ class RequestProcessor:
         rt = self.rt
         if rt is None:
             return self.reject(NotConfigured())
-        self.info = request_info(req)
+        headers = req.request_headers  # each access builds a wrapper: once
+        self.info = request_info(headers)
         self.caller = self.identify(req, self.info, rt.tenant_header)
         identity = self.caller.identity
         if identity is not None:
             reason = rt.scope_denial(identity, self.root_namespace)
             if reason is not None:
                 raise authz.Denied(reason, f"{identity} is in the scope of no HolySheepConfig served here")
-        if not req.request_headers.end_of_stream:
+        if not headers.end_of_stream:
             return m.CONTINUE_REQUEST_HEADERS  # the body's answer carries the mutations
         if self.info.method == "POST" and is_ai_endpoint(self.info.path):
             # No body phase will follow: answer here what the body phase would have.
@@ -318,10 +319,11 @@ class RequestProcessor:
             return
         attempt = self.attempt
         translation = attempt.translation if attempt is not None else None
-        chunk = req.response_body.body
+        body = req.response_body
+        chunk = body.body
         if chunk and translation is None:  # a translated answer was copied as the client got it
             copy.feed(chunk)
-        if req.response_body.end_of_stream and attempt is not None and self.ledger is not None:
+        if body.end_of_stream and attempt is not None and self.ledger is not None:
             content_type = "text/event-stream" if self.ledger.parsed.stream else "application/json"
             counted = translation.counted if translation is not None else None
             self.ledger.settle(attempt, copy.body, self.answer_status, content_type, whole=copy.whole,

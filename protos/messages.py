@@ -17,6 +17,7 @@ from envoy.type.v3 import http_status_pb2
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
+HttpHeaders = pb.HttpHeaders
 ProcessingMode: TypeAlias = processing_mode_pb2.ProcessingMode
 
 HeaderList = Sequence[tuple[str, bytes]]
