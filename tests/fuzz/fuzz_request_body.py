@@ -360,7 +360,19 @@ class Case:
         self.fdp = fdp  # what is left of the input feeds the response phase
 
     def header_map(self) -> dict[str, bytes]:
-        return {k.lower(): v for k, v in self.headers}  # last one wins, as Envoy's map is read
+        """The headers as the data plane reads them: the last of repeated ones wins, as in a map;
+        but :path, :authority and :method come from the leading pseudo-headers when those hold
+        all three (Envoy sends them first and never repeats one after a regular header, which
+        this harness does on purpose: a repeat there is not read, extproc/attributes.py)."""
+        read = {k.lower(): v for k, v in self.headers}
+        lead: dict[str, bytes] = {}
+        for k, v in self.headers:
+            if not k.startswith(":"):
+                break
+            lead[k] = v
+        if all(name in lead for name in (":path", ":authority", ":method")):
+            read.update(lead)
+        return read
 
 
 # --- the oracle -------------------------------------------------------------------------------
