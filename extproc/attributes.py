@@ -13,10 +13,12 @@ ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
 class RequestInfo:
     """What the request-headers message says about the request, read when first asked for: the
-    pseudo-headers in one pass, any other header only on demand (only the insecure dev mode
-    reads one: the tenant header). Reading a header out of the message costs a Python object per
-    field, so no header map is built. Names match case-insensitively and the last of repeated
-    headers wins, as a map built from the message would have it."""
+    pseudo-headers from the front of the list (``_read_pseudo_headers``), any other header only
+    on demand (only the insecure dev mode reads one: the tenant header). Reading a header out of
+    the message costs a Python object per field, so no header map is built. Names match
+    case-insensitively and the last of repeated headers wins, as a map built from the message
+    would have it; except a pseudo-header repeated after a regular header, which Envoy never
+    sends, when the list starts with all three."""
 
     __slots__ = ("_headers", "_host", "_method", "_path")
 
@@ -61,14 +63,7 @@ class RequestInfo:
             elif key == ":method":
                 method = _text(h)
         if path is None or host is None or method is None:
-            for h in self._headers:
-                key = h.key.lower()
-                if key == ":path":
-                    path = _text(h)
-                elif key == ":authority":
-                    host = _text(h)
-                elif key == ":method":
-                    method = _text(h)
+            path, host, method = _pseudo_headers_of_any_list(self._headers)
         self._path = path if path is not None else "/"
         if host is not None:
             self._host = host
@@ -82,6 +77,13 @@ class RequestInfo:
             if h.key.lower() == name:
                 value = _text(h)
         return value
+
+
+def _pseudo_headers_of_any_list(headers: Any) -> list[str | None]:
+    """[:path, :authority, :method] (None: absent) of any header list, read as a case-insensitive
+    map of it would be: the last repeat wins."""
+    by_name = {h.key.lower(): h for h in headers}
+    return [_text(h) if (h := by_name.get(name)) is not None else None for name in (":path", ":authority", ":method")]
 
 
 def _text(h: Any) -> str:
