@@ -17,8 +17,9 @@ class RequestInfo:
     on demand (only the insecure dev mode reads one: the tenant header). Reading a header out of
     the message costs a Python object per field, so no header map is built. Names match
     case-insensitively and the last of repeated headers wins, as a map built from the message
-    would have it; except a pseudo-header repeated after a regular header, which Envoy never
-    sends, when the list starts with all three."""
+    would have it; except when the list starts with all three pseudo-headers in lower case, as
+    Envoy's always does: then only that leading block is read, so a repeat after it, or one in
+    another case (neither of which Envoy sends), is not."""
 
     __slots__ = ("_headers", "_host", "_method", "_path")
 
