@@ -67,11 +67,16 @@ def hwm_mb(pids: list[int]) -> float:
     return sum(_status_kb(p, "VmHWM") for p in pids) / 1024
 
 
-class RssSampler:
-    """Samples the summed RSS of a process tree every `interval` seconds on a thread."""
+def trees(roots: list[int]) -> list[int]:
+    """Every process of several trees (the replicas of one piece)."""
+    return [pid for root in roots for pid in tree(root)]
 
-    def __init__(self, root: int, interval: float = 0.5) -> None:
-        self.root = root
+
+class RssSampler:
+    """Samples the summed RSS of one or several process trees every `interval` seconds on a thread."""
+
+    def __init__(self, root: int | list[int], interval: float = 0.5) -> None:
+        self.roots = [root] if isinstance(root, int) else root
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
@@ -80,7 +85,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic() - self._t0, rss_mb(tree(self.root))))
+            self.samples.append((time.monotonic() - self._t0, rss_mb(trees(self.roots))))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -91,7 +96,7 @@ class RssSampler:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append((time.monotonic() - self._t0, rss_mb(tree(self.root))))
+        self.samples.append((time.monotonic() - self._t0, rss_mb(trees(self.roots))))
 
     @property
     def peak(self) -> float:

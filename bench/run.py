@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
-from bench.procstat import RssSampler, cpu_seconds, hwm_mb, rss_mb, thread_cpu, tree
+from bench.procstat import RssSampler, cpu_seconds, hwm_mb, rss_mb, thread_cpu, tree, trees
 from bench.stack import Stack
 
 RESULTS = Path(__file__).with_name("results")
@@ -56,6 +56,8 @@ STREAM_TARGETS: dict[str, tuple[str, str, str | None]] = {
     "d_stream_translated": ("front", "", "extproc"),  # d_stream_extproc's stream, from an Anthropic provider
     "d_stream_floor": ("floor_listen", "bench-baseline-sse", "floor"),
 }
+# target -> the upstream it must stop reaching once every replica holds its state (sanity step)
+QUIET_AFTER_SANITY = {"e_circuit_open": "open_primary", "c_cache_hit": "always"}
 MUST_BE_2XX = ("a_baseline", "b_extproc", "c_cache_hit", "e_failover", "e_circuit_open", "f_floor", "g_unbudgeted",
                "g_budget_memory", "g_budget_redis")
 
@@ -95,11 +97,11 @@ class Bench:
     def url(self, listener: str) -> str:
         return f"http://127.0.0.1:{self.stack.ports[listener]}/v1/chat/completions"
 
-    def roots(self) -> dict[str, int]:
+    def roots(self) -> dict[str, list[int]]:
         return {
-            "extproc": self.stack.procs["extproc"].pid,
-            "floor": self.stack.procs["floor"].pid,
-            "envoy": self.stack.procs["front"].pid,
+            "extproc": self.stack.roots("extproc"),
+            "floor": self.stack.roots("floor"),
+            "envoy": self.stack.roots("front"),
         }
 
     def sanity(self) -> dict[str, Any]:
@@ -107,7 +109,13 @@ class Bench:
         out: dict[str, Any] = {}
         for name, (listener, host, model, _, _) in TARGETS.items():
             headers = {"content-type": "application/json", **({"host": host} if host else {})}
-            for attempt in range(5):  # e_circuit_open: the breaker needs a few failures to open
+            # State each replica keeps for itself, as each pod does: e_circuit_open's breaker opens
+            # after `failureThreshold` failures seen by that replica, c_cache_hit's memory cache
+            # holds what that replica stored, and Envoy spreads the requests over the replicas.
+            # Send until 8 in a row no longer reach the upstream that must fall quiet (at most 60).
+            quiet_upstream = QUIET_AFTER_SANITY.get(name)
+            quiet, seen_before = 0, self.stack.upstream_count(quiet_upstream) if quiet_upstream else 0
+            for attempt in range(60 if quiet_upstream else 1):
                 req = urllib.request.Request(self.url(listener), data=body_for(model).encode(), headers=headers)
                 try:
                     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -120,8 +128,12 @@ class Bench:
                         }
                 except urllib.error.HTTPError as exc:
                     out[name] = {"status": exc.code, "body": exc.read()[:300].decode(errors="replace")}
-                if attempt >= (4 if name == "e_circuit_open" else 1) - 1:
-                    break
+                if quiet_upstream:
+                    seen = self.stack.upstream_count(quiet_upstream)
+                    quiet, seen_before = (quiet + 1 if seen == seen_before else 0), seen
+                    out[name]["attempts"] = attempt + 1
+                    if quiet >= 8:
+                        break
         return out
 
     def _load(self, listener: str, host: str, body: str, conns: int, duration: float, stream: bool) -> dict[str, Any]:
@@ -140,17 +152,24 @@ class Bench:
         else:
             listener, host, model, _, counted = TARGETS[name]
         roots = self.roots()
-        trees = {k: tree(pid) for k, pid in roots.items()}
-        cpu0 = {k: cpu_seconds(p) for k, p in trees.items()}
+        replicas = [(k, root) for k in ("extproc", "floor") for root in roots[k]]
+        cpu0 = {k: cpu_seconds(trees(r)) for k, r in roots.items()}
+        split0 = [cpu_seconds(tree(root)) for _, root in replicas]
         up0 = {c: self.stack.upstream_count(c) for c in counted}
         with RssSampler(roots["extproc"], 0.5) as rss:
             res = self._load(listener, host, body_for(model, stream), conns, duration, stream)
-        trees = {k: tree(pid) for k, pid in roots.items()}
-        cpu1 = {k: cpu_seconds(p) for k, p in trees.items()}
+        cpu1 = {k: cpu_seconds(trees(r)) for k, r in roots.items()}
+        split1 = [cpu_seconds(tree(root)) for _, root in replicas]
         n = max(1, res["requests"])
         res["rps"] = res["requests"] / res["duration_s"] if res["duration_s"] else 0.0
         for k in roots:
             res[f"{k}_cpu_s_per_1k"] = (cpu1[k] - cpu0[k]) * 1000 / n
+        # Each replica's share of its piece's CPU in this cell: an even split shows Envoy spread
+        # the streams (a lopsided one would mean one process did the work of two).
+        for k in ("extproc", "floor"):
+            used = [b - a for (piece, _), a, b in zip(replicas, split0, split1, strict=True) if piece == k]
+            total = sum(used)
+            res[f"{k}_cpu_split"] = [round(u / total, 3) if total > 0 else 0.0 for u in used]
         res["extproc_rss_peak_mb"] = rss.peak
         self.peak_rss = max(self.peak_rss, rss.peak)
         for c in counted:
@@ -281,6 +300,7 @@ def environment(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "stream_load_generator": "aiohttp (bench.loadgen --stream)",
         "cpus": os.cpu_count(),
         "workers": args.workers,
+        "replicas": args.replicas,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "envoy": envoy_version,
@@ -292,12 +312,14 @@ def environment(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     conns_list = [int(c) for c in args.connections.split(",")]
     names = [n for n in (*TARGETS, *STREAM_TARGETS) if not args.targets or n in args.targets.split(",")]
-    stack = Stack(workers=args.workers, sse_chunks=args.stream_chunks, sse_gap_ms=args.stream_gap_ms).start()
+    stack = Stack(workers=args.workers, replicas=args.replicas, sse_chunks=args.stream_chunks,
+                  sse_gap_ms=args.stream_gap_ms).start()
     try:
         bench = Bench(stack, args)
         print(
             f"# load generator: {'wrk' if bench.use_wrk else 'aiohttp (wrk not on PATH)'}; "
-            f"ext_proc workers: {args.workers}; {args.rounds} round(s) x {args.duration}s per cell; "
+            f"ext_proc and floor: {args.replicas} replica(s) x {args.workers} worker(s); "
+            f"{args.rounds} round(s) x {args.duration}s per cell; "
             f"connections {conns_list}",
             flush=True,
         )
@@ -317,7 +339,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                         f"  non2xx {res['non2xx']}  errors {res['errors']}",
                         flush=True,
                     )
-        extproc_tree = tree(stack.procs["extproc"].pid)
+        extproc_tree = trees(stack.roots("extproc"))
         result = {
             "kind": "holysheep-mesh bench",
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -358,12 +380,12 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     """(b) (or --soak-target) at saturation for args.soak seconds, the processor's RSS sampled every 10 s."""
     name = args.soak_target
     listener, host, model, acct, _ = TARGETS[name]
-    stack = Stack(workers=args.workers).start()
+    stack = Stack(workers=args.workers, replicas=args.replicas).start()
     try:
         bench = Bench(stack, args)
         bench.sanity()
         bench.warm([name], args.soak_connections)
-        root = stack.procs[acct or "extproc"].pid
+        root = stack.roots(acct or "extproc")
         interval = min(10.0, max(1.0, args.soak / 10))
         with RssSampler(root, interval) as rss:
             res = bench._load(listener, host, body_for(model), args.soak_connections, args.soak, False)
@@ -386,7 +408,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
             "rss_end_mb": end[1],
             "rss_end_t": end[0],
             "rss_change_pct": (end[1] - at_1min[1]) * 100 / at_1min[1] if at_1min[1] else 0.0,
-            "vmhwm_sum_mb": hwm_mb(tree(root)),
+            "vmhwm_sum_mb": hwm_mb(trees(root)),
         }
     finally:
         stack.stop()
@@ -441,12 +463,12 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("py-spy not found: pip install py-spy")
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stack = Stack(workers=args.workers).start()
+    stack = Stack(workers=args.workers, replicas=args.replicas).start()
     try:
         bench = Bench(stack, args)
         bench.sanity()
         bench.warm(["b_extproc"], 16)
-        root = stack.procs["extproc"].pid
+        root = stack.procs["extproc"].pid  # the first replica: it serves its share of the streams
         outputs: dict[str, dict[str, Any]] = {}
         for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
             path = RESULTS / f"profile-{stamp}.{suffix}"
@@ -514,7 +536,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating target order (default 2)")
     p.add_argument("--connections", default="1,16,64", help="comma-separated connection counts")
     p.add_argument("--targets", default="", help="comma-separated subset of targets (default: all)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="ext_proc workers (default: cores)")
+    p.add_argument("--replicas", type=int, default=os.cpu_count() or 1,
+                   help="ext_proc (and floor) processes, each on its own port behind the front Envoy's "
+                        "cluster, as pods behind a Service (default: cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="workers per replica (`holysheep-mesh extproc --workers`; default 1, as in production)")
     p.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "aiohttp"),

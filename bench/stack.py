@@ -4,8 +4,15 @@
   (a fixed OpenAI chat completion with usage, or a 500), so the upstream is never the bottleneck;
   per-listener stats count what each provider received.
 - SSE server (bench.sse_server): the streaming upstream.
-- ext_proc: `holysheep-mesh extproc --workers N` with a bench config (one document per target).
-- floor: bench.floor, a do-nothing ext_proc.
+- ext_proc: R replicas of `holysheep-mesh extproc --workers N` with a bench config (one document
+  per target), each on its own port and an endpoint of the front Envoy's ext_proc cluster.
+- floor: R replicas of bench.floor (a do-nothing ext_proc), N workers each, the same way.
+
+The default layout is production's: `--workers 1` per replica and Envoy balancing streams over
+the replicas (README, "Workers and replicas"). Several workers behind one port share it by the
+kernel's SO_REUSEPORT hash of each connection, and Envoy holds only a couple of long-lived
+connections, so which worker gets the load is luck: a run measured one worker taking every
+stream while the floor's two split theirs.
 - front Envoy: extproc.dev.envoy_bootstrap.build_bootstrap() exactly as the dev stack renders it,
   plus passthrough vhosts for the baseline and a second listener whose ext_proc is the floor.
 
@@ -271,7 +278,7 @@ def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict[str, Any]
     }
 
 
-def add_floor(boot: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
+def add_floor(boot: dict[str, Any], ports: dict[str, int], floor_ports: list[int]) -> dict[str, Any]:
     """The front Envoy's bootstrap (the dev stack's) plus the floor listener and its cluster."""
     res = boot["static_resources"]
     # Floor: a second listener, same HCM settings, whose (enabled) ext_proc is the do-nothing server
@@ -311,11 +318,8 @@ def add_floor(boot: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
         "endpoints": [
             {
                 "lb_endpoints": [
-                    {
-                        "endpoint": {
-                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["floor_grpc"]}}
-                        }
-                    }
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+                    for port in floor_ports
                 ]
             }
         ],
@@ -327,6 +331,7 @@ def add_floor(boot: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
 @dataclass
 class Stack:
     workers: int
+    replicas: int = 1
     sse_chunks: int = 8
     sse_gap_ms: float = 20.0
     log_level: str = "WARNING"
@@ -339,8 +344,10 @@ class Stack:
 
     @property
     def procs(self) -> dict[str, Any]:
-        """The root process of each piece, by name (its pid roots the tree CPU is charged to)."""
-        out: dict[str, Any] = {name: p.proc for name, p in self.helpers.items()}
+        """The root process of each piece, by name; "extproc" and "floor" are their first replica."""
+        out: dict[str, Any] = {name: p.proc for name, p in self.helpers.items() if not name.startswith("floor-")}
+        if "floor-0" in self.helpers:
+            out["floor"] = self.helpers["floor-0"].proc
         if self.upstream is not None:
             out["upstream"] = self.upstream.proc
         if self.front is not None and self.front.extprocs:
@@ -349,12 +356,23 @@ class Stack:
             out["front"] = self.front.envoy.proc
         return out
 
+    def roots(self, name: str) -> list[int]:
+        """The pid of every replica of a piece ("extproc", "floor") or of the one process of
+        another: what its CPU and memory are charged to, each with its workers below it."""
+        if name == "extproc" and self.front is not None:
+            return [ep.proc.pid for ep in self.front.extprocs if ep.proc is not None]
+        if name == "floor":
+            return [h.proc.pid for n, h in sorted(self.helpers.items()) if n.startswith("floor-") and h.proc]
+        return [self.procs[name].pid]
+
     def start(self) -> Stack:
         self.workdir = tempfile.mkdtemp(prefix="holysheep-bench-")
         work = Path(self.workdir)
-        names = [*UPSTREAMS, "upstream_admin", "sse", "sse_translated", "floor_grpc", "floor_listen"]
+        names = [*UPSTREAMS, "upstream_admin", "sse", "sse_translated", "floor_listen"]
+        names += [f"floor_grpc_{i}" for i in range(self.replicas)]
         self.ports = {n: free_port() for n in names}
         p = self.ports
+        floor_ports = [p[f"floor_grpc_{i}"] for i in range(self.replicas)]
         self.redis = RedisServer()
         config = CONFIG.format(env=API_KEY_ENV, sse=p["sse"], redis=self.redis.port, **{k: p[k] for k in UPSTREAMS})
         config += TRANSLATED_CONFIG.format(env=API_KEY_ENV, translated=p["translated"],
@@ -364,12 +382,13 @@ class Stack:
             env={API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level},
             passthrough=[("bench-baseline", p["baseline"]), ("bench-baseline-sse", p["sse"])],
             workers=self.workers,
+            extproc_count=self.replicas,
             workdir=work,
             drain_seconds=1.0,
             log_level=self.log_level,
             envoy_concurrency=2,
             envoy_log_level="error",
-            bootstrap_hook=lambda boot: add_floor(boot, p),
+            bootstrap_hook=lambda boot: add_floor(boot, p, floor_ports),
         )
         p.update(front=self.front.port, front_admin=self.front.admin_port)
         floor_tls: list[str] = []
@@ -388,9 +407,11 @@ class Stack:
             "sse_translated": Process([sys.executable, "-m", "bench.sse_server", "--port", str(p["sse_translated"]),
                                        "--chunks", str(self.sse_chunks), "--gap-ms", str(self.sse_gap_ms)],
                                       work / "sse-translated.log", cwd=REPO),
-            "floor": Process([sys.executable, "-m", "bench.floor", "--address", f"127.0.0.1:{p['floor_grpc']}",
-                              "--workers", str(self.workers), *floor_tls], work / "floor.log", cwd=REPO),
         }
+        for i, port in enumerate(floor_ports):
+            self.helpers[f"floor-{i}"] = Process(
+                [sys.executable, "-m", "bench.floor", "--address", f"127.0.0.1:{port}", "--workers", str(self.workers),
+                 *floor_tls], work / f"floor-{i}.log", cwd=REPO)
         try:
             self.upstream = Envoy(upstream_bootstrap(p, p["upstream_admin"]), work, None, p["upstream_admin"],
                                   name="upstream", concurrency=1, log_level="error")
@@ -402,15 +423,19 @@ class Stack:
             assert self.front.extproc.proc is not None
             p.update(grpc=self.front.extproc.grpc_port, http=self.front.extproc.http_port)
             alive = [h.proc for h in self.helpers.values()]
-            wait_until(lambda: _port_open(p["sse"]) and _port_open(p["sse_translated"]) and _port_open(p["floor_grpc"]),
+            wait_until(lambda: _port_open(p["sse"]) and _port_open(p["sse_translated"])
+                       and all(_port_open(port) for port in floor_ports),
                        timeout=20,
                        what="the SSE upstream and the floor", alive=alive)
-            # every worker must be up before measuring: wait until the tree has them all
+            # every worker of every replica must be up before measuring: wait until each tree has them all
             from bench.procstat import tree
 
-            root = self.front.extproc.proc.pid
-            wait_until(lambda: len(tree(root)) >= 1 + (self.workers if self.workers > 1 else 0), timeout=30,
-                       what="ext_proc workers", alive=[self.front.extproc.proc])
+            per_replica = 1 + (self.workers if self.workers > 1 else 0)
+            for ep in self.front.extprocs:
+                assert ep.proc is not None
+                root = ep.proc.pid
+                wait_until(lambda: len(tree(root)) >= per_replica, timeout=30,  # noqa: B023 - called at once
+                           what="ext_proc workers", alive=[ep.proc])
             time.sleep(1.0 if self.workers > 1 else 0.2)  # workers bind after they start
         except BaseException:
             self.stop()

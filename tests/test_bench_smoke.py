@@ -45,6 +45,8 @@ def _run(tmp_path: Path, *extra: str) -> dict:
         "--smoke",
         "--connections",
         "2",
+        "--replicas",
+        "2",
         "--workers",
         "1",
         "--out",
@@ -83,6 +85,12 @@ def test_smoke_run_is_well_formed(tmp_path: Path) -> None:
     assert summary["e_failover"]["2"]["upstream_fo_primary_requests"] > 0  # every request tried the primary
     assert summary["c_cache_hit"]["2"]["upstream_always_requests"] == 0  # every request served from the cache
     assert result["circuit_open_primary_requests"] == 0
+    # the production layout (README, "Workers and replicas"): replicas of one worker each, and
+    # Envoy spreading the streams over them, ours as well as the floor's
+    assert result["environment"]["replicas"] == 2 and result["environment"]["workers"] == 1
+    for name, piece in (("b_extproc", "extproc"), ("f_floor", "floor")):
+        split = result["cells"][name]["2"][0][f"{piece}_cpu_split"]
+        assert len(split) == 2 and min(split) > 0.2, (name, split)
     assert summary["b_extproc"]["2"]["extproc_cpu_s_per_1k"]["median"] > 0
     assert result["extproc_memory"]["peak_rss_sampled_mb"] > 0
     assert summary["d_stream_extproc"]["2"]["ttfb_p50_ms"]["median"] > 0
