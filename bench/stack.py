@@ -7,14 +7,14 @@
 - ext_proc: R replicas of `holysheep-mesh extproc --workers N` with a bench config (one document
   per target), each on its own port and an endpoint of the front Envoy's ext_proc cluster.
 - floor: R replicas of bench.floor (a do-nothing ext_proc), N workers each, the same way.
+- front Envoy: extproc.dev.envoy_bootstrap.build_bootstrap() exactly as the dev stack renders it,
+  plus passthrough vhosts for the baseline and a second listener whose ext_proc is the floor.
 
 The default layout is production's: `--workers 1` per replica and Envoy balancing streams over
 the replicas (README, "Workers and replicas"). Several workers behind one port share it by the
 kernel's SO_REUSEPORT hash of each connection, and Envoy holds only a couple of long-lived
 connections, so which worker gets the load is luck: a run measured one worker taking every
 stream while the floor's two split theirs.
-- front Envoy: extproc.dev.envoy_bootstrap.build_bootstrap() exactly as the dev stack renders it,
-  plus passthrough vhosts for the baseline and a second listener whose ext_proc is the floor.
 
 The ext_proc and the front Envoy are the e2e tests' stack (extproc.dev.stack.Stack, no mocks);
 every process is started and stopped by the shared helpers (extproc.dev.processes).
@@ -362,7 +362,7 @@ class Stack:
         if name == "extproc" and self.front is not None:
             return [ep.proc.pid for ep in self.front.extprocs if ep.proc is not None]
         if name == "floor":
-            return [h.proc.pid for n, h in sorted(self.helpers.items()) if n.startswith("floor-") and h.proc]
+            return [h.proc.pid for n, h in self.helpers.items() if n.startswith("floor-") and h.proc]
         return [self.procs[name].pid]
 
     def start(self) -> Stack:
