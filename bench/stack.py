@@ -341,6 +341,8 @@ class Stack:
     upstream: Envoy | None = None
     helpers: dict[str, Process] = field(default_factory=dict)
     redis: RedisServer | None = None  # the g_budget_redis target's
+    # bench.phases: run both servers under its wrappers, which stamp each message into this directory
+    trace_dir: str = ""
 
     @property
     def procs(self) -> dict[str, Any]:
@@ -377,9 +379,10 @@ class Stack:
         config = CONFIG.format(env=API_KEY_ENV, sse=p["sse"], redis=self.redis.port, **{k: p[k] for k in UPSTREAMS})
         config += TRANSLATED_CONFIG.format(env=API_KEY_ENV, translated=p["translated"],
                                            sse_translated=p["sse_translated"])
+        traced = {"BENCH_PHASES_DIR": self.trace_dir, "PYTHONPATH": str(REPO)} if self.trace_dir else {}
         self.front = dev_stack.Stack(
             config,
-            env={API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level},
+            env={API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level, **traced},
             passthrough=[("bench-baseline", p["baseline"]), ("bench-baseline-sse", p["sse"])],
             workers=self.workers,
             extproc_count=self.replicas,
@@ -389,6 +392,7 @@ class Stack:
             envoy_concurrency=2,
             envoy_log_level="error",
             bootstrap_hook=lambda boot: add_floor(boot, p, floor_ports),
+            extproc_module="bench.phases" if self.trace_dir else "extproc.cli",
         )
         p.update(front=self.front.port, front_admin=self.front.admin_port)
         floor_tls: list[str] = []
@@ -409,9 +413,10 @@ class Stack:
                                       work / "sse-translated.log", cwd=REPO),
         }
         for i, port in enumerate(floor_ports):
+            floor_cmd = ["bench.phases", "floor"] if self.trace_dir else ["bench.floor"]
             self.helpers[f"floor-{i}"] = Process(
-                [sys.executable, "-m", "bench.floor", "--address", f"127.0.0.1:{port}", "--workers", str(self.workers),
-                 *floor_tls], work / f"floor-{i}.log", cwd=REPO)
+                [sys.executable, "-m", *floor_cmd, "--address", f"127.0.0.1:{port}", "--workers", str(self.workers),
+                 *floor_tls], work / f"floor-{i}.log", env={**os.environ, **traced} if traced else None, cwd=REPO)
         try:
             self.upstream = Envoy(upstream_bootstrap(p, p["upstream_admin"]), work, None, p["upstream_admin"],
                                   name="upstream", concurrency=1, log_level="error")

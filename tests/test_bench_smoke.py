@@ -109,3 +109,33 @@ def test_smoke_aiohttp_load_generator(tmp_path: Path) -> None:
     for name in ("a_baseline", "b_extproc"):
         assert result["summary"][name]["2"]["requests"] > 0
         assert result["summary"][name]["2"]["non2xx"] == 0
+
+
+def test_phases_stamps_every_message_of_both_servers(tmp_path: Path) -> None:
+    """bench.phases: our server and the floor, each under its stamping wrapper, report every
+    phase of the streams they served, with the after-answer work of the last chunk on our side."""
+    cmd = [sys.executable, "-m", "bench.phases", "--duration", "1", "--warmup", "0.5", "--connections", "2",
+           "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (path,) = tmp_path.glob("phases-*.json")
+    result = json.loads(path.read_text())
+    phases = {"stream setup", "request_headers", "request_body", "response_headers", "response_body"}
+    for side in ("ours", "floor"):
+        assert set(result[side]) == phases, (side, result[side])
+        assert result[side]["request_headers"]["n"] > 10, result[side]
+        # one stream per request, each through all four phases; Envoy may end a stream right
+        # after its last ack, before gRPC reports the write done (service.py), so a few last
+        # writes are not timed
+        assert result[side]["response_body"]["n"] >= 0.9 * result[side]["request_headers"]["n"], result[side]
+        for phase in phases - {"stream setup"}:
+            row = result[side][phase]
+            assert row["processing"] > 0 and row["write"] > 0, (side, phase, row)
+    # the streams each side served are the requests its load generator completed (warm-up and
+    # measured), give or take those cut short when a load run stops
+    for side, target in (("ours", "b_extproc"), ("floor", "f_floor")):
+        load = result["load"][target]
+        served, sent = result[side]["request_headers"]["n"], load["requests"] + load["warmup_requests"]
+        assert sent <= served <= sent + 20, (side, served, sent)
+    # our settle (usage, cost, the cache store) runs after the last ack: the floor has none
+    assert result["ours"]["response_body"]["after"] > result["floor"]["response_body"]["after"]

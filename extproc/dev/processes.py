@@ -235,6 +235,9 @@ class ExtProc:
     log_level: str = "DEBUG"
     # More flags, e.g. the caller-identity ones (extproc.dev.mtls.DevPKI.extproc_args).
     extra_args: list[str] = field(default_factory=list)
+    # The module run with `-m`: a wrapper taking the same arguments (bench.phases stamps each
+    # message's arrival and answer around the real service).
+    module: str = "extproc.cli"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -242,7 +245,7 @@ class ExtProc:
         return f"http://127.0.0.1:{self.http_port}"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "extproc.cli", "extproc", "--config", str(self.config_path),
+        return [sys.executable, "-m", self.module, "extproc", "--config", str(self.config_path),
                 "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--http-address", f"127.0.0.1:{self.http_port}",
                 "--secrets-dir", str(self.secrets_dir), "--workers", str(self.workers),
                 "--drain-seconds", f"{self.drain_seconds:g}", "--drain-delay-seconds", f"{self.drain_delay_seconds:g}",

@@ -66,6 +66,7 @@ class Stack:
         bootstrap_hook: BootstrapHook | None = None,
         workload: str = "",
         insecure: bool = False,
+        extproc_module: str = "extproc.cli",
     ) -> None:
         self.template = template
         self.mocks = mocks or {}
@@ -90,6 +91,7 @@ class Stack:
         self.bootstrap_hook = bootstrap_hook
         self.workload = workload
         self.insecure = insecure
+        self.extproc_module = extproc_module
         self.pki: DevPKI | None = None
         self.extprocs: list[ExtProc] = []
         self.envoy: Envoy | None = None
@@ -187,7 +189,8 @@ class Stack:
         for i in range(self.extproc_count):
             ep = ExtProc(self.config_path, self.secrets_dir, self.env, workers=self.workers,
                          log_path=self.workdir / f"extproc-{i}.log", drain_seconds=self.drain_seconds,
-                         drain_delay_seconds=self.drain_delay_seconds, log_level=self.log_level)
+                         drain_delay_seconds=self.drain_delay_seconds, log_level=self.log_level,
+                         module=self.extproc_module)
             ep.extra_args = self.pki.extproc_args() if self.pki is not None else ["--insecure-no-identity"]
             ep.start()
             self.extprocs.append(ep)
