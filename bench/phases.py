@@ -32,6 +32,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -168,30 +169,19 @@ PHASE_ORDER = ("stream setup", "request_headers", "request_body", "response_head
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from bench import loadgen
-    from bench.run import STREAM_MODELS, STREAM_TARGETS, TARGETS, body_for
+    from bench.run import Bench, body_for, target_request
     from bench.stack import Stack
 
-    ours_target, floor_target = PAIRS[args.pair]
     trace_dir = Path(tempfile.mkdtemp(prefix="bench-phases-"))
     stack = Stack(workers=1, replicas=args.replicas, trace_dir=str(trace_dir)).start()
+    bench = Bench(stack, argparse.Namespace(loadgen="auto"))  # wrk when on PATH, as `python -m bench`
     runs: dict[str, dict[str, Any]] = {}
     try:
-        for target in (ours_target, floor_target):
-            stream = target in STREAM_TARGETS
-            if stream:
-                listener, host, _ = STREAM_TARGETS[target]
-                model = STREAM_MODELS.get(target, "bench-stream")
-            else:
-                listener, host, model, _, _ = TARGETS[target]
-            url = f"http://127.0.0.1:{stack.ports[listener]}/v1/chat/completions"
+        for target in PAIRS[args.pair]:
+            listener, host, model, stream, _ = target_request(target)
             body = body_for(model, stream)
-            if stream or not loadgen.have_wrk():
-                warm = loadgen.run_aiohttp(url, body, host, args.connections, args.warmup, stream=stream)
-                res = loadgen.run_aiohttp(url, body, host, args.connections, args.duration, stream=stream)
-            else:
-                warm = loadgen.run_wrk(url, body, host, args.connections, max(1, round(args.warmup)))
-                res = loadgen.run_wrk(url, body, host, args.connections, max(1, round(args.duration)))
+            warm = bench._load(listener, host, body, args.connections, args.warmup, stream)
+            res = bench._load(listener, host, body, args.connections, args.duration, stream)
             runs[target] = {"requests": res["requests"], "warmup_requests": warm["requests"],
                             "p50_ms": res.get("p50_ms"), "ttfb_p50_ms": res.get("ttfb_p50_ms")}
             time.sleep(0.5)
@@ -199,6 +189,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         stack.stop()  # the servers end; every stream's line is on disk
     ours = summarise(_load_streams(trace_dir, "ours"))
     floor = summarise(_load_streams(trace_dir, "floor"))
+    shutil.rmtree(trace_dir, ignore_errors=True)
     return {
         "kind": "holysheep-mesh bench phases",
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -87,6 +87,15 @@ def body_for(model: str, stream: bool = False) -> str:
     return json.dumps(payload, separators=(",", ":"))
 
 
+def target_request(name: str) -> tuple[str, str, str, bool, tuple[str, ...]]:
+    """A target's listener, host, model, whether it streams, and the upstreams it counts."""
+    if name in STREAM_TARGETS:
+        listener, host, _ = STREAM_TARGETS[name]
+        return listener, host, STREAM_MODELS.get(name, "bench-stream"), True, ()
+    listener, host, model, _, counted = TARGETS[name]
+    return listener, host, model, False, counted
+
+
 class Bench:
     def __init__(self, stack: Stack, args: argparse.Namespace) -> None:
         self.stack = stack
@@ -144,32 +153,27 @@ class Bench:
         return loadgen.run_aiohttp(self.url(listener), body, host, conns, duration)
 
     def cell(self, name: str, conns: int, duration: float) -> dict[str, Any]:
-        stream = name in STREAM_TARGETS
-        counted: tuple[str, ...]
-        if stream:
-            listener, host, _ = STREAM_TARGETS[name]
-            model, counted = STREAM_MODELS.get(name, "bench-stream"), ()
-        else:
-            listener, host, model, _, counted = TARGETS[name]
+        listener, host, model, stream, counted = target_request(name)
         roots = self.roots()
-        replicas = [(k, root) for k in ("extproc", "floor") for root in roots[k]]
-        cpu0 = {k: cpu_seconds(trees(r)) for k, r in roots.items()}
-        split0 = [cpu_seconds(tree(root)) for _, root in replicas]
+
+        def cpu_by_root() -> dict[str, list[float]]:  # each root's tree, read once per piece and replica
+            return {k: [cpu_seconds(tree(root)) for root in r] for k, r in roots.items()}
+
+        cpu0 = cpu_by_root()
         up0 = {c: self.stack.upstream_count(c) for c in counted}
         with RssSampler(roots["extproc"], 0.5) as rss:
             res = self._load(listener, host, body_for(model, stream), conns, duration, stream)
-        cpu1 = {k: cpu_seconds(trees(r)) for k, r in roots.items()}
-        split1 = [cpu_seconds(tree(root)) for _, root in replicas]
+        cpu1 = cpu_by_root()
         n = max(1, res["requests"])
         res["rps"] = res["requests"] / res["duration_s"] if res["duration_s"] else 0.0
         for k in roots:
-            res[f"{k}_cpu_s_per_1k"] = (cpu1[k] - cpu0[k]) * 1000 / n
-        # Each replica's share of its piece's CPU in this cell: an even split shows Envoy spread
-        # the streams (a lopsided one would mean one process did the work of two).
-        for k in ("extproc", "floor"):
-            used = [b - a for (piece, _), a, b in zip(replicas, split0, split1, strict=True) if piece == k]
-            total = sum(used)
-            res[f"{k}_cpu_split"] = [round(u / total, 3) if total > 0 else 0.0 for u in used]
+            used = [b - a for a, b in zip(cpu0[k], cpu1[k], strict=True)]
+            res[f"{k}_cpu_s_per_1k"] = sum(used) * 1000 / n
+            if k != "envoy":
+                # Each replica's share of its piece's CPU in this cell: an even split shows Envoy
+                # spread the streams (a lopsided one would mean one process did the work of two).
+                total = sum(used)
+                res[f"{k}_cpu_split"] = [round(u / total, 3) if total > 0 else 0.0 for u in used]
         res["extproc_rss_peak_mb"] = rss.peak
         self.peak_rss = max(self.peak_rss, rss.peak)
         for c in counted:
