@@ -460,6 +460,9 @@ class ChaosRun:
                 if t is not None:
                     phase.recover_s, phase.recover_what = t - phase.t_start, "every ext_proc loads it"
                     self.v2 = True  # from now on every other request uses the new alias
+                    # Observe the alias for a whole phase from here: on a loaded machine the reload
+                    # alone can take the phase's length, and then no alias request fell inside it.
+                    await asyncio.sleep(s.phase_seconds)
                 else:
                     phase.notes.append("new config not loaded everywhere within the wait bound")
 
