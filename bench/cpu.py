@@ -179,7 +179,13 @@ async def _ours(tmp: str, identity: str = "tls") -> tuple[Any, Callable[[], Any]
         else:
             heap.settle()  # as DataPlane.run does once serving
 
-    async def drain() -> None:  # the cache stores spawned off the hot path
+    async def drain() -> None:  # the settles still batched, and the cache stores spawned off the hot path
+        try:
+            from extproc import settlements
+        except ImportError:  # an older tree
+            pass
+        else:
+            settlements.flush()
         while plane._tasks:
             await asyncio.gather(*list(plane._tasks))
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from extproc import jsoncodec, metrics
+from extproc import jsoncodec, metrics, settlements
 from extproc.api import ApiSchema, Endpoint, ParsedRequest, Usage
 from extproc.attempts import Attempt
 from extproc.cache import CachedResponse, ResponseCache, cache_key
@@ -122,12 +122,25 @@ class Ledger:
     async def lookup(self, event: Literal["hit", "fallback"]) -> CachedResponse | None:
         """The cached answer, counted as `event` when found; an Always-mode lookup ("hit") that
         finds nothing counts as a miss."""
+        settlements.flush()  # the answers settled since the last batch are in the cache too
         found = await self.cache.get(self.key)
         if found is not None:
             metrics.CACHE_EVENTS.labels(event).inc()
         elif event == "hit":
             metrics.CACHE_EVENTS.labels("miss").inc()
         return found
+
+    def settle_later(self, attempt: Attempt, body: bytes, status: int, content_type: str, whole: bool = True,
+                     counted: tuple[Usage | None, bool] | None = None) -> None:
+        """``settle`` in the next batch (extproc/settlements.py: once the answer is sent, nothing
+        waits for it). At once where the next request may need it: on a budgeted route, whose
+        budgets must be charged before the next request is admitted, and in Always mode, where
+        the same request right after must be a hit (a lookup runs the batch first, but then on
+        the next request's critical path)."""
+        if self.spend is not None or self.cache.spec.mode == "Always":
+            self.settle(attempt, body, status, content_type, whole, counted)
+        else:
+            settlements.later(len(body), self.settle, attempt, body, status, content_type, whole, counted)
 
     def settle(self, attempt: Attempt, body: bytes, status: int, content_type: str, whole: bool = True,
                counted: tuple[Usage | None, bool] | None = None) -> None:

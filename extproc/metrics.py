@@ -46,11 +46,20 @@ _settings: dict[Any, float] = {}  # value object -> value to set (gauges)
 _UNSCHEDULED: Any = object()
 _flush_on: Any = _UNSCHEDULED
 _timer: Any = None
+# Run first by every flush: work whose counts must be in it (extproc/settlements.py's batch).
+_before_flush: list[Any] = []
+
+
+def before_flush(fn: Any) -> None:
+    """Have every ``flush`` call ``fn()`` first."""
+    _before_flush.append(fn)
 
 
 def flush() -> None:
     """Write every pending count now (idempotent; the loop callback, drain, render and exit)."""
     global _flush_on, _timer
+    for fn in _before_flush:
+        fn()
     _flush_on = _UNSCHEDULED
     if _timer is not None:
         _timer.cancel()

@@ -9,7 +9,7 @@ Envoy (its header set and body come from the provider's adapter). Response heade
 (including Envoy's own 503/504 for refused connections and timeouts) call the next backends
 directly and answer with an ImmediateResponse; when none can answer, serve the cache or a 503.
 Response body: acknowledge each chunk at once; a copy feeds usage accounting and the cache
-after the ack (``after_response_body``).
+after the ack (``after_response_body``), settled in batches (extproc/settlements.py).
 
 Authorization (extproc/authz.py): a caller only ever reaches configs in its scope; what it may
 not use raises ``authz.Denied``, which ends the stream with PERMISSION_DENIED (service.py), so
@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeAlias
 
-from extproc import authz, metrics
+from extproc import authz, metrics, settlements
 from extproc.accounting import Ledger, ResponseCopy, count_answer, count_failure
 from extproc.api import Endpoint, ParsedRequest, classify_path, is_ai_endpoint, parse_body
 from extproc.attempts import Attempt, AttemptPlan, bodyless_attempt
@@ -240,7 +240,8 @@ class RequestProcessor:
         status = _status(req.response_headers)
         provider = attempt.provider
         provider_header, passed_on, latency = _provider_answer(provider.name)
-        latency.observe(time.monotonic() - self.started)
+        # Counts no answer waits for go to the batch after the answers (extproc/settlements.py).
+        settlements.later(0, latency.observe, time.monotonic() - self.started)
         if is_failure(status):
             self._failed(attempt, status)
             if self.parsed is None:  # bodyless call: nothing to fail over with
@@ -275,7 +276,7 @@ class RequestProcessor:
                 result = translation.result(result)
             if result.status < 300:
                 counted = translation.counted if translation is not None else None
-                self.ledger.settle(attempt, result.body, result.status, result.content_type, counted=counted)
+                self.ledger.settle_later(attempt, result.body, result.status, result.content_type, counted=counted)
             ours = {k for k, _ in self.rate_headers}  # the budget's figures, not the provider's own
             headers = [(k, v.encode("latin-1")) for k, v in result.headers if k.lower() not in ours]
             headers += [(PROVIDER_HEADER, attempt.provider.name.encode()), *self.rate_headers]
@@ -299,7 +300,9 @@ class RequestProcessor:
         attempt.provider.breaker.record_success()
         self.attempt = attempt
         self.answered = True
-        count_answer(attempt, status, self.caller)
+        # In the batch, before this answer's settle (the queue keeps its order), which counts its
+        # usage on the series count_answer resolves.
+        settlements.later(0, count_answer, attempt, status, self.caller)
 
     def response_body(self, req: m.ProcessingRequest) -> m.ProcessingResponse:
         attempt, copy = self.attempt, self.copy
@@ -326,8 +329,8 @@ class RequestProcessor:
         if body.end_of_stream and attempt is not None and self.ledger is not None:
             content_type = "text/event-stream" if self.ledger.parsed.stream else "application/json"
             counted = translation.counted if translation is not None else None
-            self.ledger.settle(attempt, copy.body, self.answer_status, content_type, whole=copy.whole,
-                               counted=counted)
+            self.ledger.settle_later(attempt, copy.body, self.answer_status, content_type, whole=copy.whole,
+                                     counted=counted)
 
     # --- answers of our own ---------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
-from extproc import heap, metrics
+from extproc import heap, metrics, settlements
 from extproc.credentials import DEFAULT_SECRETS_DIR, CredentialStore
 from extproc.health import HealthChecker
 from extproc.identity import IdentityFrom, authenticator
@@ -105,6 +105,7 @@ class DataPlane:
             metrics.CONFIG_RELOADS.labels("invalid").inc()
             log.error("config rejected, keeping the last good one: %s", exc)
             return False
+        settlements.flush()  # the answers of the retiring config go to its caches before they close
         for cache in runtime.retired_caches:
             self.spawn(cache.close())
         for store in runtime.retired_budget_stores:
@@ -165,6 +166,7 @@ class DataPlane:
         await stop.wait()
 
         await self._drain(grpc_server, health_servicer, service)
+        settlements.flush()  # the last answers' usage and cache copies, while caches and the loop run
         watcher.cancel()
         await runner.cleanup()
         await self.health.stop()
@@ -172,6 +174,8 @@ class DataPlane:
         if tls is not None:
             await tls.stop()
         await self.upstream.close()
+        if self._tasks:  # the Redis writes of those copies (bounded: a dead Redis must not hold the exit)
+            await asyncio.wait(list(self._tasks), timeout=2.0)
         if self.runtime is not None:
             for cache in self.runtime.caches.values():
                 await cache.close()

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.budget_store import MemoryBudgetStore
 from extproc.budgets import BudgetEngine
+from extproc.cache import KEY_PREFIX
 from extproc.dev.certs import write_atomic
 from extproc.dev.envoy_bootstrap import CA_SECRET, WORKLOAD_SECRET, BootstrapOptions, UpstreamTLS, build_bootstrap
 from extproc.dev.mock_provider import MockProvider
@@ -292,10 +293,10 @@ def test_every_answer_on_a_budgeted_route_carries_the_headers(stack: Stack, redi
     team_e = workloads("team-e/app")
     upstream, backup = stack.mocks["upstream"], stack.mocks["backup"]
     stored = redis_client.Redis.from_url(redis.url)
-    cached_before = len(stored.keys("holysheep:v2:*"))
+    cached_before = len(stored.keys(KEY_PREFIX + "*"))
     first = team_e.chat("remember me")
     assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "99"
-    wait_until(lambda: len(stored.keys("holysheep:v2:*")) > cached_before, what="the answer in the cache")
+    wait_until(lambda: len(stored.keys(KEY_PREFIX + "*")) > cached_before, what="the answer in the cache")
     try:
         upstream.mode = "500"
         failover = team_e.chat("fail over")

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from extproc.cache import KEY_PREFIX
 from extproc.dev.mock_provider import MockProvider
 from extproc.dev.processes import RedisServer, wait_until
 from tests import metrics_text as m
@@ -69,7 +70,7 @@ def test_fallback_served_from_redis_after_ext_proc_restart(stack: Stack, redis: 
     import redis as redis_client
 
     r = redis_client.Redis.from_url(redis.url)
-    wait_until(lambda: len(r.keys("holysheep:v2:*")) >= 1, what="redis store")
+    wait_until(lambda: len(r.keys(KEY_PREFIX + "*")) >= 1, what="redis store")
     # A restarted ext_proc has an empty memory tier: the answer must come from Redis.
     stack.extproc.stop()
     stack.extproc.start()
@@ -81,7 +82,7 @@ def test_fallback_served_from_redis_after_ext_proc_restart(stack: Stack, redis: 
         assert resp.json() == ok.json()
     finally:
         _all_down(stack, "ok")
-    values = [r.get(k) or b"" for k in r.keys("holysheep:v2:*")]  # bytes: no decode_responses
+    values = [r.get(k) or b"" for k in r.keys(KEY_PREFIX + "*")]  # bytes: no decode_responses
     stored = b"".join(v if isinstance(v, bytes) else v.encode() for v in values)
     assert all(k.encode() not in stored for k in KEYS.values())
 
