@@ -8,8 +8,10 @@ request admitted past its budget."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import yaml
 
 from extproc.dev.mock_provider import MockProvider
 from tests import metrics_text as m
@@ -18,26 +20,24 @@ from tests.harness import Stack, running
 pytestmark = pytest.mark.e2e
 
 KEY = "sk-settle-one-4471"
-TEMPLATE = """\
-apiVersion: holysheep.ai/v1
-kind: HolySheepConfig
-metadata: {name: settle, namespace: default}
-spec:
-  circuitBreaker: {enabled: false}
-  providers:
-    - {name: one, baseUrl: "{one}", auth: {env: SETTLE_ONE_KEY}}
-  routes:
-    - {models: ["*"], backends: [{provider: one}]}
-  cache: {mode: MODE}
-  pricing:
-    - {model: "*", inputPerMillion: 1000, outputPerMillion: 1000}
-BUDGETS"""
 TOKEN_LIMIT = 40
 
 
-def _stack(mode: str = "Fallback", budgets: str = "") -> Stack:
-    return Stack(TEMPLATE.replace("MODE", mode).replace("BUDGETS", budgets),
-                 {"one": MockProvider("one", expect_key=KEY)}, env={"SETTLE_ONE_KEY": KEY})
+def _stack(mode: str = "Fallback", budgets: tuple[dict[str, Any], ...] = ()) -> Stack:
+    """One provider behind a catch-all route, priced at $1,000 per million tokens each way."""
+    spec: dict[str, Any] = {
+        "circuitBreaker": {"enabled": False},
+        "providers": [{"name": "one", "baseUrl": "{one}", "auth": {"env": "SETTLE_ONE_KEY"}}],
+        "routes": [{"models": ["*"], "backends": [{"provider": "one"}]}],
+        "cache": {"mode": mode},
+        "pricing": [{"model": "*", "inputPerMillion": 1000, "outputPerMillion": 1000}],
+    }
+    if budgets:
+        spec["budgets"] = list(budgets)
+    config = {"apiVersion": "holysheep.ai/v1", "kind": "HolySheepConfig",
+              "metadata": {"name": "settle", "namespace": "default"}, "spec": spec}
+    return Stack(yaml.safe_dump(config, sort_keys=False), {"one": MockProvider("one", expect_key=KEY)},
+                 env={"SETTLE_ONE_KEY": KEY})
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def test_in_always_mode_a_repeat_right_after_the_first_answer_is_a_hit() -> None
 
 def test_a_budgeted_route_is_charged_before_the_next_request_is_admitted() -> None:
     """The answer that crosses the token limit completes, and the very next request is refused."""
-    budget = f"  budgets:\n    - {{name: settle-tokens, namespaces: [default], window: 1h, tokens: {TOKEN_LIMIT}}}\n"
-    with running(_stack(budgets=budget)) as s:
+    budget = {"name": "settle-tokens", "namespaces": ["default"], "window": "1h", "tokens": TOKEN_LIMIT}
+    with running(_stack(budgets=(budget,))) as s:
         spent = answered = 0
         while spent < TOKEN_LIMIT:
             resp = s.chat("settle-budget", content=f"question {answered} with a few more words in it")
