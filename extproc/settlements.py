@@ -3,17 +3,18 @@
 Why batches: the same work costs several times more once per request than many times in a row.
 Between two messages of a stream, Envoy, the upstream and gRPC run on the same cores and evict
 the interpreter's data and our code from the CPU caches. So the settle of one answer (its usage
-read, the cache key and store, the metrics) took 47 us live against 8 us in a loop
-(``python -m bench.phases``). Run back to back, every settle after the first of a batch finds
-them warm.
+read, the cache key and store, the metrics) took 50-75 us live against about 8 us in a loop,
+and about 12 us inside a batch (``python -m bench.phases``; README, "Performance"). Run back to
+back, every settle after the first of a batch finds them warm.
 
 What runs here is what no answer waits for. A settle is queued when its answer's last ack has
 been handed to gRPC and runs exactly once:
 - at most DELAY after the first pending one, from the event loop (a timer);
 - at once when MAX_PENDING settles or MAX_PENDING_BYTES of answers are pending;
 - before anything reads what a settle writes: a cache lookup (``Ledger.lookup``), a render of
-  /metrics or an in-process scrape (``metrics.flush`` runs ``flush`` first), and the drain
-  before shutdown (server.py), while the caches and the loop are still there.
+  /metrics or an in-process scrape (``metrics.flush`` runs ``flush`` first), a config reload
+  that retires caches, and the drain before shutdown (server.py), while the caches and the
+  loop are still there.
 Without a running loop (a synchronous caller, a test) a settle runs at once.
 
 What the next request may need stays out of here and runs at once (``Ledger.settle_later``):
