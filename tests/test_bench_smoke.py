@@ -124,10 +124,13 @@ def test_phases_stamps_every_message_of_both_servers(tmp_path: Path) -> None:
     for side in ("ours", "floor"):
         assert set(result[side]) == phases, (side, result[side])
         assert result[side]["request_headers"]["n"] > 10, result[side]
-        # one stream per request, each through all four phases; Envoy may end a stream right
-        # after its last ack, before gRPC reports the write done (service.py), so a few last
-        # writes are not timed
-        assert result[side]["response_body"]["n"] >= 0.9 * result[side]["request_headers"]["n"], result[side]
+        # one stream per request, each through all four phases, give or take the streams a load
+        # run's end cuts short. (Envoy may end a stream right after its last ack, before gRPC
+        # reports that write done: under load up to a tenth of the last writes go untimed, so
+        # the timed count "n" of the last phase is not the test.)
+        assert result[side]["response_body"]["arrived"] >= 0.97 * result[side]["request_headers"]["arrived"], \
+            result[side]
+        assert result[side]["response_body"]["n"] > 0.5 * result[side]["response_body"]["arrived"], result[side]
         for phase in phases - {"stream setup"}:
             row = result[side][phase]
             assert row["processing"] > 0 and row["write"] > 0, (side, phase, row)
@@ -137,5 +140,6 @@ def test_phases_stamps_every_message_of_both_servers(tmp_path: Path) -> None:
         load = result["load"][target]
         served, sent = result[side]["request_headers"]["n"], load["requests"] + load["warmup_requests"]
         assert sent <= served <= sent + 20, (side, served, sent)
-    # our settle (usage, cost, the cache store) runs after the last ack: the floor has none
+    # after the last ack ours copies the chunk and queues its settle (extproc/settlements.py;
+    # usage, cost, the cache store): the floor does nothing there
     assert result["ours"]["response_body"]["after"] > result["floor"]["response_body"]["after"]
