@@ -31,8 +31,9 @@ disable_created_metrics()  # *_created series double the scrape size and no pane
 # write serves every request of that interval and a count is never more than FLUSH_DELAY late,
 # nor lost: before every render of /metrics this process's own counts are flushed (so with one
 # worker, the production layout, a scrape is exact), and on drain and at exit. Only another
-# worker's counts can reach a scrape up to FLUSH_DELAY late. Without a running loop (a sync
-# caller, a test) a count is written at once.
+# worker's counts can reach a scrape up to FLUSH_DELAY (plus settlements.DELAY for the counts
+# its batched settles make) late. Without a running loop (a sync caller, a test) a count is
+# written at once.
 #
 # (Flushing whenever no stream was left in flight, as before, wrote every request's ~12 values
 # on its own at low concurrency: a tenth of the request's CPU at one connection.)
