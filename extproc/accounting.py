@@ -122,7 +122,10 @@ class Ledger:
     async def lookup(self, event: Literal["hit", "fallback"]) -> CachedResponse | None:
         """The cached answer, counted as `event` when found; an Always-mode lookup ("hit") that
         finds nothing counts as a miss."""
-        settlements.flush()  # the answers settled since the last batch are in the cache too
+        if self.cache.spec.mode != "Always":
+            # The answers batched since are in the cache too. (An Always-mode cache settles at
+            # once, so nothing pending is its: no other config's batch runs on its hot path.)
+            settlements.flush()
         found = await self.cache.get(self.key)
         if found is not None:
             metrics.CACHE_EVENTS.labels(event).inc()

@@ -11,10 +11,11 @@ What runs here is what no answer waits for. A settle is queued when its answer's
 been handed to gRPC and runs exactly once:
 - at most DELAY after the first pending one, from the event loop (a timer);
 - at once when MAX_PENDING settles or MAX_PENDING_BYTES of answers are pending;
-- before anything reads what a settle writes: a cache lookup (``Ledger.lookup``), a render of
-  /metrics or an in-process scrape (``metrics.flush`` runs ``flush`` first), a config reload
-  that retires caches, and the drain before shutdown (server.py), while the caches and the
-  loop are still there.
+- before anything reads what a settle writes: a lookup in a cache that batches
+  (``Ledger.lookup``; not an Always-mode one, whose settles run at once), a render of /metrics
+  or an in-process scrape (``metrics.flush`` runs ``flush`` first), a config reload that
+  retires caches, and the drain before shutdown (server.py), while the caches and the loop are
+  still there.
 Without a running loop (a synchronous caller, a test) a settle runs at once.
 
 What the next request may need stays out of here and runs at once (``Ledger.settle_later``):
