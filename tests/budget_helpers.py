@@ -1,6 +1,6 @@
-"""Helpers of the budget tests: a clock to set, a Redis partition, and the bodies of the worker
-processes that share a store (run with multiprocessing's spawn: fresh interpreters, like the
-ext_proc's workers and replicas).
+"""Helpers of the budget tests: a clock to set, a wait for a fresh window, a Redis partition,
+and the bodies of the worker processes that share a store (run with multiprocessing's spawn:
+fresh interpreters, like the ext_proc's workers and replicas).
 
 The throwaway Redis is ``extproc.dev.processes.RedisServer``: its port is fixed at construction,
 so ``start()`` after ``kill()`` restarts it empty on the same port.
@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from extproc.budget_store import CounterTable, MemoryBudgetStore, RedisBudgetStore
 from extproc.budgets import BudgetEngine
 from protos.spec import BudgetSpec
+
+
+def fresh_window(window: int, needed: float = 30.0) -> None:
+    """Wait for the window to turn when less than `needed` seconds of it are left, so a scenario
+    that must stay in one window (real time, through Envoy) does not straddle its turn."""
+    left = window - time.time() % window
+    if left < needed:
+        time.sleep(left + 0.05)
 
 
 class Clock:

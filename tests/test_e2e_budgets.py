@@ -5,7 +5,7 @@ Redis, mock providers counting what reached them.
 The config lives in Istio's root namespace, so every team's namespace is in its scope and only
 the budgets tell the teams apart. Each scenario has its own identities (its own Envoy) and its
 own budget, so the scenarios do not share a counter. A budget's window is aligned to the epoch:
-a scenario that could straddle the turn of its window waits for the turn first (``_fresh_window``).
+a scenario that could straddle the turn of its window waits for the turn first (``fresh_window``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from extproc.dev.mock_provider import MockProvider
 from extproc.dev.mtls import EXTPROC_ID
 from extproc.dev.processes import Envoy, RedisServer, free_port, wait_until
 from protos.spec import HolySheepConfig, load_text
+from tests.budget_helpers import fresh_window
 from tests.harness import Stack, running
 
 pytestmark = pytest.mark.e2e
@@ -68,13 +69,6 @@ spec:
 """
 SCOPE = "istio-system/llm"
 HOUR = 3600
-
-
-def _fresh_window(window: int, needed: float = 30.0) -> None:
-    """Wait for the window to turn when less than `needed` seconds of it are left."""
-    left = window - time.time() % window
-    if left < needed:
-        time.sleep(left + 0.05)
 
 
 def _sds(path: Path, secret: dict[str, Any]) -> None:
@@ -219,7 +213,7 @@ FORGED_HEADERS = {
 def test_a_five_request_hourly_budget_and_identities_that_cannot_be_forged(
     stack: Stack, redis: RedisServer, workloads: Any,
 ) -> None:
-    _fresh_window(HOUR)
+    fresh_window(HOUR)
     upstream = stack.mocks["upstream"]
     # team-b/app, claiming to be team-a/app in its node metadata and its headers: it spends no
     # budget of team-a's (and has none of its own: no x-ratelimit headers).
@@ -277,7 +271,7 @@ def test_a_five_request_hourly_budget_and_identities_that_cannot_be_forged(
 
 def test_per_namespace_two_service_accounts_share_one_counter(stack: Stack, redis: RedisServer,
                                                               workloads: Any) -> None:
-    _fresh_window(HOUR)
+    fresh_window(HOUR)
     one, two = workloads("team-a/batch-1"), workloads("team-a/batch-2")
     answered = [w.chat(f"batch {i}") for i, w in enumerate((one, two, one, two))]
     assert [r.status_code for r in answered] == [200] * 4
@@ -289,7 +283,7 @@ def test_per_namespace_two_service_accounts_share_one_counter(stack: Stack, redi
 def test_every_answer_on_a_budgeted_route_carries_the_headers(stack: Stack, redis: RedisServer,
                                                               workloads: Any) -> None:
     """Through Envoy, by failover, from the fallback cache, and the data plane's own 503."""
-    _fresh_window(HOUR)
+    fresh_window(HOUR)
     team_e = workloads("team-e/app")
     upstream, backup = stack.mocks["upstream"], stack.mocks["backup"]
     stored = redis_client.Redis.from_url(redis.url)
@@ -327,7 +321,7 @@ def _usage(resp: httpx.Response) -> int:
 def test_a_token_budget_the_crossing_request_completes_and_the_next_is_refused(
     stack: Stack, redis: RedisServer, workloads: Any,
 ) -> None:
-    _fresh_window(HOUR)
+    fresh_window(HOUR)
     team_c = workloads("team-c/app")
     spent: list[int] = []
     # The first answer streams: a stream's usage (its last event) counts too.
@@ -360,7 +354,7 @@ def test_a_token_budget_the_crossing_request_completes_and_the_next_is_refused(
 
 
 def test_a_cost_budget_refuses_with_insufficient_quota(stack: Stack, workloads: Any) -> None:
-    _fresh_window(86400)
+    fresh_window(86400)
     team_f = workloads("team-f/app")
     spent = team_f.chat("an expensive question")  # 1000 USD per million tokens: 0.001 USD a token
     assert spent.status_code == 200 and not any(h.startswith("x-ratelimit-") for h in spent.headers)
@@ -383,7 +377,7 @@ def test_two_ext_procs_sharing_redis_enforce_one_budget_exactly(stack: Stack, re
                                                                  workloads: Any) -> None:
     """150 requests, 25 at a time, over both ext_procs, for a Shared budget of 60: exactly 60
     are answered. Overshoot: 0 (every admission is one atomic script in Redis)."""
-    _fresh_window(HOUR)
+    fresh_window(HOUR)
     team_d = workloads("team-d/load")
     burst = stack.mocks["burst"]
     before = burst.total
@@ -435,7 +429,7 @@ def test_redis_killed_mid_traffic_fails_nothing_and_counting_resumes_in_redis() 
     hands its counts to Redis when it answers again, so Redis ends with every request counted,
     plus at most the requests in flight when it died (an admission Redis applied whose answer
     was lost is counted locally too)."""
-    _fresh_window(HOUR, needed=120)
+    fresh_window(HOUR, needed=120)
     server = RedisServer()
     server.start()
     mock = MockProvider("upstream", expect_key=KEYS["upstream"])

@@ -15,6 +15,7 @@ import yaml
 
 from extproc.dev.mock_provider import MockProvider
 from tests import metrics_text as m
+from tests.budget_helpers import fresh_window
 from tests.harness import Stack, running
 
 pytestmark = pytest.mark.e2e
@@ -103,6 +104,7 @@ def test_a_budgeted_route_is_charged_before_the_next_request_is_admitted() -> No
     """The answer that crosses the token limit completes, and the very next request is refused."""
     budget = {"name": "settle-tokens", "namespaces": ["default"], "window": "1h", "tokens": TOKEN_LIMIT}
     with running(_stack(budgets=(budget,))) as s:
+        fresh_window(3600)  # the whole scenario in one window
         spent = answered = 0
         while spent < TOKEN_LIMIT:
             resp = s.chat("settle-budget", content=f"question {answered} with a few more words in it")
