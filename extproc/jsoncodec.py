@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 import orjson
@@ -59,7 +60,7 @@ def canonical(value: Any, strict: bool = False) -> bytes:
             return b"o" + orjson.dumps(value, option=_SORTED)
         except orjson.JSONEncodeError:  # an integer past 64 bits, a lone surrogate: not faithful
             pass
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = _stdlib_dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # surrogatepass: JSON may carry lone surrogate escapes ("\ud800"), which strict UTF-8 cannot
     # encode; the text must still be injective and must never raise.
     return b"j" + text.encode("utf-8", "surrogatepass")
@@ -90,4 +91,25 @@ def dumps(value: Any, strict: bool) -> bytes:
             return orjson.dumps(value)
         except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
             pass
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _stdlib_dumps(value, separators=(",", ":")).encode()
+
+
+# What the encoder may recurse beyond the interpreter's limit: json.loads read the value from a
+# shallow frame (the body phase), within that limit, so its depth is below it.
+_ENCODE_HEADROOM = 2000
+
+
+def _stdlib_dumps(value: Any, **options: Any) -> str:
+    """json.dumps of a value json.loads read, however deep. The encoder may run deeper in the
+    stack than the parse did (a Fallback lookup's cache key, inside the failover coroutine), so
+    a value loads accepted could raise RecursionError there: a 500 for a valid request (found by
+    tests/fuzz). Retried with the limit raised by what the value's depth can need."""
+    try:
+        return json.dumps(value, **options)
+    except RecursionError:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + _ENCODE_HEADROOM)
+        try:
+            return json.dumps(value, **options)
+        finally:
+            sys.setrecursionlimit(limit)

@@ -65,6 +65,10 @@ class Processor(Protocol):
     def after_response_body(self, req: m.ProcessingRequest) -> None:
         """Runs once the chunk's answer is handed to gRPC, so it never delays the client."""
 
+    def stream_ended(self) -> None:
+        """The stream is over, however it ended (a reset or cancel included): settle an answer
+        whose last chunk never came."""
+
     def reject(self, err: ClientError) -> m.ProcessingResponse:
         """The OpenAI-style error answer that ends the request."""
 
@@ -326,11 +330,28 @@ class RequestProcessor:
         chunk = body.body
         if chunk and translation is None:  # a translated answer was copied as the client got it
             copy.feed(chunk)
-        if body.end_of_stream and attempt is not None and self.ledger is not None:
-            content_type = "text/event-stream" if self.ledger.parsed.stream else "application/json"
-            counted = translation.counted if translation is not None else None
-            self.ledger.settle_later(attempt, copy.body, self.answer_status, content_type, whole=copy.whole,
-                                     counted=counted)
+        if body.end_of_stream:
+            self._settle_copy(whole=copy.whole)
+
+    def stream_ended(self) -> None:
+        """A successful answer whose stream ended before its last chunk (the client went away
+        after the usage and [DONE]: Envoy resets the stream before the end of the body reaches
+        us) is settled with what was read: its usage is counted and charged, as the provider
+        charges it, and a partial answer is never cached. Without this, a client that hung up
+        right after [DONE] was never charged."""
+        if self.copy is not None:
+            self._settle_copy(whole=False)
+
+    def _settle_copy(self, whole: bool) -> None:
+        """Settle the copied answer once (the copy is let go)."""
+        copy, attempt, ledger = self.copy, self.attempt, self.ledger
+        self.copy = None
+        if copy is None or attempt is None or ledger is None:
+            return
+        translation = attempt.translation
+        content_type = "text/event-stream" if ledger.parsed.stream else "application/json"
+        counted = translation.counted if translation is not None else None
+        ledger.settle_later(attempt, copy.body, self.answer_status, content_type, whole=whole, counted=counted)
 
     # --- answers of our own ---------------------------------------------------------------
 

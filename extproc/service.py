@@ -42,6 +42,7 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self.in_flight += 1
         self.idle.clear()
+        proc: Processor | None = None
         try:
             try:
                 identity = self.plane.authenticate(context)
@@ -56,7 +57,7 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                 identify = runtime.identify_for(identity)
             else:
                 identify = authenticated_caller(identity, ())
-            proc: Processor = RequestProcessor(runtime, plane.upstream, plane.spawn, identify, plane.root_namespace)
+            proc = RequestProcessor(runtime, plane.upstream, plane.spawn, identify, plane.root_namespace)
             read, write = context.read, context.write
             while True:
                 req = await read()
@@ -111,6 +112,11 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
         except asyncio.CancelledError:
             raise
         finally:
+            if proc is not None:
+                try:
+                    proc.stream_ended()
+                except Exception:
+                    log.exception("response accounting failed")
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()

@@ -7,6 +7,7 @@ request admitted past its budget."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from extproc.dev.mock_provider import MockProvider
+from extproc.dev.processes import wait_until
 from tests import metrics_text as m
 from tests.budget_helpers import fresh_window
 from tests.harness import Stack, running
@@ -85,6 +87,42 @@ def test_the_fallback_right_after_the_answer_serves_it(stack: Stack) -> None:
         assert again.status_code == 200, f"repeat {i}: {again.text}"
         assert again.headers.get("x-holysheep-cache") == "fallback"
         assert again.json() == first.json()
+
+
+def test_a_client_that_hangs_up_right_after_done_is_still_counted(stack: Stack) -> None:
+    """The provider sends the usage and [DONE] but holds its body open; the client stops at
+    [DONE] and hangs up, so Envoy resets the stream before the end of the body reaches the
+    ext_proc. The answer is settled all the same, from what was read (and not cached, being
+    partial). It used to go uncounted and unbudgeted: a way around a token budget."""
+    one = stack.mocks["one"]
+    labels = {"provider": "one", "model": "settle-hangup"}
+    before = stack.extproc.metrics()
+    one.mode = "linger-stream"
+    try:
+        body = {"model": "settle-hangup", "messages": [{"role": "user", "content": "stop at done"}],
+                "stream": True, "stream_options": {"include_usage": True}}
+        usage = None
+        with stack.new_client(label="hang-up client") as client, \
+                client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and '"usage"' in line:
+                    usage = json.loads(line[len("data: "):])["usage"] or usage
+                if line == "data: [DONE]":
+                    break  # the body is not over: leaving the block drops the connection
+        assert usage is not None
+
+        def grown(name: str, **only: str) -> float:
+            return m.value(stack.extproc.metrics(), name, **labels, **only) - m.value(before, name, **labels, **only)
+
+        wait_until(lambda: grown("holysheep_tokens_total", type="output") == usage["completion_tokens"],
+                   timeout=5, what="the hung-up stream's usage counted")
+        assert grown("holysheep_tokens_total", type="input") == usage["prompt_tokens"]
+        text = stack.extproc.metrics()
+        assert m.value(text, "holysheep_cache_events_total", event="store") == \
+            m.value(before, "holysheep_cache_events_total", event="store")  # a partial answer is not kept
+    finally:
+        one.mode = "ok"
 
 
 def test_in_always_mode_a_repeat_right_after_the_first_answer_is_a_hit() -> None:

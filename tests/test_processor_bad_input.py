@@ -105,6 +105,23 @@ def test_lone_surrogate_escape_in_the_body_is_not_a_500(runtime: Runtime) -> Non
     assert cache_key("", "/chat/completions", {"a": "\ud800"}) != cache_key("", "/chat/completions", {"a": "\udc00"})
 
 
+def test_a_body_nested_a_thousand_deep_is_not_a_500(runtime: Runtime) -> None:
+    # Was (tests/fuzz): orjson reads 1024 levels, but its sorted writer stops at 254 and the
+    # standard library's encoder recursed past the interpreter's limit from the fallback
+    # lookup's frame: a RecursionError, so a 500 instead of a 503.
+    body = b'{"model": "gpt-4o-mini", "deep": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert _run(runtime, b"/v1/chat/completions", body).WhichOneof("response") == "request_body"
+    for provider in runtime.providers.values():
+        provider.breaker.record_failure()
+
+    def from_deeper_frames(n: int) -> pb.ProcessingResponse:
+        return from_deeper_frames(n - 1) if n else _run(runtime, b"/v1/chat/completions", body)
+
+    resp = from_deeper_frames(100)
+    assert resp.immediate_response.status.code == 503, resp
+    assert json.loads(resp.immediate_response.body)["error"]["code"] == "no_provider_available"
+
+
 def test_lone_surrogate_model_is_rejected_and_metrics_still_render(runtime: Runtime) -> None:
     # Was: "local-\ud800" matched the glob route and became a metric label, after which every
     # /metrics scrape raised UnicodeEncodeError.

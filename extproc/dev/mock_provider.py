@@ -58,6 +58,9 @@ MODES = (
     "cut-early",
     "slow-stream",
     "stall-stream",
+    # every event (the usage and [DONE] included), then the body held open until the client
+    # goes (or hang_s): a client that stops at [DONE] ends the stream before its end of body
+    "linger-stream",
     "health-fail",
 )
 # Modes that also fail the health endpoint, so Envoy's active health checks notice the outage.
@@ -624,6 +627,10 @@ class MockProvider:
                 return resp
             await resp.write(event)
             times.append(time.time())
+        if mode == "linger-stream":
+            await self._hang(request)
+            _abort(request)
+            return resp
         await resp.write_eof()
         return resp
 
