@@ -94,16 +94,18 @@ def dumps(value: Any, strict: bool) -> bytes:
     return _stdlib_dumps(value, separators=(",", ":")).encode()
 
 
-# What the encoder may recurse beyond the interpreter's limit: json.loads read the value from a
-# shallow frame (the body phase), within that limit, so its depth is below it.
+# What the encoder may need beyond the interpreter's limit: a parsed value is at most 1024 levels
+# deep (orjson's limit; json.loads stops near the interpreter's own, 1000).
 _ENCODE_HEADROOM = 2000
 
 
 def _stdlib_dumps(value: Any, **options: Any) -> str:
-    """json.dumps of a value json.loads read, however deep. The encoder may run deeper in the
-    stack than the parse did (a Fallback lookup's cache key, inside the failover coroutine), so
-    a value loads accepted could raise RecursionError there: a 500 for a valid request (found by
-    tests/fuzz). Retried with the limit raised by what the value's depth can need."""
+    """json.dumps of a parsed value, however deep. orjson reads 1024 levels without recursing,
+    but its sorted writer stops at 254, and the standard library's encoder recurses once per
+    level, from a frame deeper than the parse's (a Fallback lookup's cache key, inside the
+    failover coroutine). So a value 1000 levels deep raised RecursionError there: a 500 for a
+    valid request (found by tests/fuzz). Retried with the limit raised by what such a value
+    needs."""
     try:
         return json.dumps(value, **options)
     except RecursionError:
