@@ -343,6 +343,9 @@ class Stack:
     redis: RedisServer | None = None  # the g_budget_redis target's
     # bench.phases: run both servers under its wrappers, which stamp each message into this directory
     trace_dir: str = ""
+    # bench.replay: our ext_proc under its replay switch (the module), with its directory (the env)
+    extproc_module: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def procs(self) -> dict[str, Any]:
@@ -380,6 +383,8 @@ class Stack:
         config += TRANSLATED_CONFIG.format(env=API_KEY_ENV, translated=p["translated"],
                                            sse_translated=p["sse_translated"])
         traced = {"BENCH_PHASES_DIR": self.trace_dir, "PYTHONPATH": str(REPO)} if self.trace_dir else {}
+        if self.extra_env:
+            traced = {**traced, **self.extra_env, "PYTHONPATH": str(REPO)}
         self.front = dev_stack.Stack(
             config,
             env={API_KEY_ENV: "sk-bench-not-a-secret", "HOLYSHEEP_LOG_LEVEL": self.log_level, **traced},
@@ -392,7 +397,7 @@ class Stack:
             envoy_concurrency=2,
             envoy_log_level="error",
             bootstrap_hook=lambda boot: add_floor(boot, p, floor_ports),
-            extproc_module="bench.phases" if self.trace_dir else "extproc.cli",
+            extproc_module=self.extproc_module or ("bench.phases" if self.trace_dir else "extproc.cli"),
         )
         p.update(front=self.front.port, front_admin=self.front.admin_port)
         floor_tls: list[str] = []

@@ -143,3 +143,28 @@ def test_phases_stamps_every_message_of_both_servers(tmp_path: Path) -> None:
     # after the last ack ours copies the chunk and queues its settle (extproc/settlements.py;
     # usage, cost, the cache store): the floor does nothing there
     assert result["ours"]["response_body"]["after"] > result["floor"]["response_body"]["after"]
+
+
+def test_replay_answers_every_stream_of_its_cells_without_processing(tmp_path: Path) -> None:
+    """bench.replay: with the switch on, our ext_proc answers the streams from the answers it
+    recorded, and Envoy still gets every request through to the provider (2xx, no errors); the
+    three cells of each round are all measured."""
+    cmd = [sys.executable, "-m", "bench.replay", "--connections", "2", "--rounds", "2", "--duration", "1",
+           "--warmup", "0.5", "--replicas", "2", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (path,) = tmp_path.glob("replay-*.json")
+    result = json.loads(path.read_text())
+    assert result["sanity"]["status"] == 200 and result["sanity"]["provider"] == "fallback"
+    cells = result["cells"]["2"]
+    assert set(cells) == {"ours", "replay", "floor"}
+    for name, rounds in cells.items():
+        assert len(rounds) == 2, name
+        for cell in rounds:
+            assert cell["requests"] > 0 and cell["non2xx"] == 0 and cell["errors"] == 0, (name, cell)
+            assert cell["cpu_us_per_request"] > 0, (name, cell)
+    for cell in cells["replay"]:  # every request of a replay cell was a replayed stream
+        assert cell["replayed"] >= 0.95 * cell["requests"], cell
+    summary = result["summary"]["2"]
+    assert summary["replay_over_floor_cpu"] > 0 and summary["ours_over_floor_cpu"] > 0
+    assert "our processing:" in out.stdout
