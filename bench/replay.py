@@ -171,6 +171,7 @@ def _run_cell(bench: Any, ours: list[int], cell: str, conns: int, duration: floa
         before = _replayed(replay_dir)
     res = bench.cell("f_floor" if cell == "floor" else "b_extproc", conns, duration)
     res["cpu_us_per_request"] = res["floor_cpu_s_per_1k" if cell == "floor" else "extproc_cpu_s_per_1k"] * 1000
+    res["envoy_cpu_us_per_request"] = res["envoy_cpu_s_per_1k"] * 1000  # the front Envoy's, same cell
     if cell == "replay":
         _signal_all(ours, signal.SIGUSR2)
         res["replayed"] = _replayed(replay_dir) - before
@@ -188,11 +189,14 @@ def _replayed(replay_dir: Path) -> int:
     return total
 
 
+_MEDIANS = ("cpu_us_per_request", "envoy_cpu_us_per_request", "rps", "p50_ms", "p99_ms")
+
+
 def summarise(cells: dict[int, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
     """Per connection count: each cell's medians, and the shares of the floor's CPU per request."""
     out: dict[str, dict[str, Any]] = {}
     for conns, by_cell in cells.items():
-        med = {c: {k: statistics.median(r[k] for r in rows) for k in ("cpu_us_per_request", "rps", "p50_ms")}
+        med = {c: {k: statistics.median(r[k] for r in rows) for k in _MEDIANS}
                for c, rows in by_cell.items() if rows}
         floor_cpu = med["floor"]["cpu_us_per_request"]
         out[str(conns)] = {
@@ -208,14 +212,15 @@ def summarise(cells: dict[int, dict[str, list[dict[str, Any]]]]) -> dict[str, di
 
 
 def render(summary: dict[str, dict[str, Any]]) -> str:
-    head = ("connections", "cell", "cpu us/req", "/ floor", "req/s", "/ floor", "p50 ms")
-    lines = [" ".join(f"{h:>{w}}" for h, w in zip(head, (11, 7, 11, 8, 8, 8, 7), strict=True))]
+    head = ("connections", "cell", "cpu us/req", "/ floor", "req/s", "/ floor", "p50 ms", "envoy us/req")
+    lines = [" ".join(f"{h:>{w}}" for h, w in zip(head, (11, 7, 11, 8, 8, 8, 7, 12), strict=True))]
     for conns, s in summary.items():
         for cell in CELLS:
             c = s[cell]
             lines.append(f"{conns:>11} {cell:>7} {c['cpu_us_per_request']:11.1f} "
                          f"{c['cpu_us_per_request'] / s['floor']['cpu_us_per_request']:7.3f}x "
-                         f"{c['rps']:8.1f} {c['rps'] / s['floor']['rps']:7.3f}x {c['p50_ms']:7.2f}")
+                         f"{c['rps']:8.1f} {c['rps'] / s['floor']['rps']:7.3f}x {c['p50_ms']:7.2f} "
+                         f"{c['envoy_cpu_us_per_request']:12.1f}")
         lines.append(f"{'':>11} our processing: {s['processing_share_of_floor_cpu']:+.3f} of the floor's CPU; "
                      f"our answers without it: {s['replay_over_floor_cpu'] - 1:+.3f}")
     return "\n".join(lines)

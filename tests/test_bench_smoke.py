@@ -167,4 +167,5 @@ def test_replay_answers_every_stream_of_its_cells_without_processing(tmp_path: P
         assert cell["replayed"] >= 0.95 * cell["requests"], cell
     summary = result["summary"]["2"]
     assert summary["replay_over_floor_cpu"] > 0 and summary["ours_over_floor_cpu"] > 0
+    assert all(summary[cell]["envoy_cpu_us_per_request"] > 0 for cell in cells)
     assert "our processing:" in out.stdout
