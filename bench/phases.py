@@ -109,11 +109,11 @@ def _stamp(cls: Any, kind: str) -> None:
 
 
 def serve_extproc(argv: list[str]) -> int:
-    from extproc import cli, service
+    from bench.stack import run_our_extproc
+    from extproc import service
 
     _stamp(service.ExternalProcessorService, "ours")
-    sys.argv = ["holysheep-mesh", *argv]
-    return cli.main()
+    return run_our_extproc(argv)
 
 
 def serve_floor(argv: list[str]) -> int:

@@ -11,7 +11,8 @@ compares with the floor's.
 So this runs our real ext_proc (`python -m bench.replay extproc ARGS`: `holysheep-mesh extproc`
 with its real arguments) with one switch. SIGUSR1 turns replay on and SIGUSR2 turns it off. While
 replay is on, each new stream is answered, message by message, with the answers our `Process`
-gave to the last complete stream before it: no identity, no processor, no metrics, no settle.
+gave to the first complete stream after the switch (processed as usual, and recorded): no
+identity, no processor, no metrics, no settle. While it is off, our `Process` runs unwrapped.
 Everything else is the same process, the same listener, routes and upstream, so the same bytes
 go to Envoy and come back. Three cells alternate in one run, for target (b):
 
@@ -76,7 +77,8 @@ class _RecordingContext:
 def serve_extproc(argv: list[str]) -> int:
     import grpc
 
-    from extproc import cli, service
+    from bench.stack import run_our_extproc
+    from extproc import service
 
     state: dict[str, Any] = {"on": False, "replayed": 0, "answers": {}}
     out = Path(os.environ["BENCH_REPLAY_DIR"]) / f"replica-{os.getpid()}.json"
@@ -85,29 +87,29 @@ def serve_extproc(argv: list[str]) -> int:
 
     def switch(signum: int, _frame: Any) -> None:
         state["on"] = signum == signal.SIGUSR1
-        if not state["on"]:  # the count so far, for the driver to check
+        if state["on"]:
+            state["answers"] = {}  # the cell's first complete stream is processed and recorded
+        else:  # the count so far, for the driver to check
             out.write_text(json.dumps({"replayed": state["replayed"], "phases": sorted(state["answers"])}))
 
     signal.signal(signal.SIGUSR1, switch)
     signal.signal(signal.SIGUSR2, switch)
 
     async def Process(self: Any, request_iterator: Any, context: Any) -> None:
+        if not state["on"]:  # ours, unwrapped: its cells pay no recording
+            return await process(self, request_iterator, context)
         answers = state["answers"]
-        if not state["on"] or not answers:
+        if not answers:
             recording = _RecordingContext(context)
             await process(self, request_iterator, recording)
             if "response_body" in recording.answers:  # a complete exchange: the one to replay
                 state["answers"] = recording.answers
             return
         state["replayed"] += 1
-        read, write = context.read, context.write
-        while True:
-            req = await read()
-            if req is eof:
-                return
+        while (req := await context.read()) is not eof:
             phase = req.WhichOneof("request")
             resp = answers[phase]
-            await write(resp)
+            await context.write(resp)
             # Where our Process ends the stream (extproc/service.py), so Envoy sees the same close.
             if phase == "response_body":
                 if req.response_body.end_of_stream or resp.HasField("immediate_response"):
@@ -116,8 +118,7 @@ def serve_extproc(argv: list[str]) -> int:
                 return
 
     service.ExternalProcessorService.Process = Process  # type: ignore[method-assign]
-    sys.argv = ["holysheep-mesh", *argv]
-    return cli.main()
+    return run_our_extproc(argv)
 
 
 # --- the measurement ---------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ours = stack.roots("extproc")
     cells: dict[int, dict[str, list[dict[str, Any]]]] = {}
     try:
-        sanity = bench.sanity()  # our answers to b_extproc are recorded here, with processing on
+        sanity = bench.sanity()
         for conns in args.connections:
             cells[conns] = {c: [] for c in CELLS}
             for cell in CELLS:  # warm-up: each cell once
@@ -226,10 +227,7 @@ def render(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["extproc"]:
-        return serve_extproc(argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16])
@@ -238,7 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--replicas", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["extproc"]:  # the server the stack starts (Stack.extproc_module)
+        return serve_extproc(argv)
+    args = parse_args(argv)
     result = measure(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -278,6 +278,15 @@ def upstream_bootstrap(ports: dict[str, int], admin_port: int) -> dict[str, Any]
     }
 
 
+def run_our_extproc(argv: list[str]) -> int:
+    """`holysheep-mesh ARGV` in this process: what a wrapper module the stack starts ours with
+    (``Stack.extproc_module``: bench.phases, bench.replay) runs once it has wrapped the service."""
+    from extproc import cli
+
+    sys.argv = ["holysheep-mesh", *argv]
+    return cli.main()
+
+
 def add_floor(boot: dict[str, Any], ports: dict[str, int], floor_ports: list[int]) -> dict[str, Any]:
     """The front Envoy's bootstrap (the dev stack's) plus the floor listener and its cluster."""
     res = boot["static_resources"]
