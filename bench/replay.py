@@ -39,6 +39,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -160,6 +161,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                           + (f"  replayed {res['replayed']}" if cell == "replay" else ""), flush=True)
     finally:
         stack.stop()
+        shutil.rmtree(replay_dir, ignore_errors=True)
     return {
         "kind": "holysheep-mesh bench replay",
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
