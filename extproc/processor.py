@@ -62,6 +62,10 @@ class Processor(Protocol):
     def response_headers(self, req: m.ProcessingRequest) -> Answer: ...
     def response_body(self, req: m.ProcessingRequest) -> Answer: ...
 
+    def after_response_headers(self) -> None:
+        """Runs once the response headers' answer is handed to gRPC, so it never delays the
+        client's first byte."""
+
     def after_response_body(self, req: m.ProcessingRequest) -> None:
         """Runs once the chunk's answer is handed to gRPC, so it never delays the client."""
 
@@ -74,8 +78,9 @@ class Processor(Protocol):
 
 
 class RequestProcessor:
-    __slots__ = ("answer_status", "answered", "attempt", "caller", "copy", "endpoint", "identify", "info", "ledger",
-                 "parsed", "plan", "rate_headers", "raw_body", "root_namespace", "rt", "spawn", "started", "upstream")
+    __slots__ = ("answer_status", "attempt", "caller", "copy", "endpoint", "identify", "info", "ledger",
+                 "parsed", "plan", "rate_headers", "raw_body", "root_namespace", "rt", "spawn", "started", "success",
+                 "upstream")
 
     def __init__(
         self, runtime: Runtime | None, upstream: UpstreamClient, spawn: Spawn,
@@ -100,9 +105,11 @@ class RequestProcessor:
         # The attempt whose answer is awaited (None once the request is answered by us).
         self.attempt: Attempt | None = None
         self.started = 0.0
-        self.answered = False
         self.copy: ResponseCopy | None = None
         self.answer_status = 200  # the provider's status of the answer the body phase passes on
+        # (upstream latency histogram, seconds): a passed-on success not yet recorded
+        # (after_response_headers).
+        self.success: tuple[Any, float] | None = None
         # OpenAI's x-ratelimit-* headers of the tightest budgets, on every answer of a budgeted route.
         self.rate_headers: list[tuple[str, bytes]] = []
 
@@ -242,22 +249,24 @@ class RequestProcessor:
         if attempt is None:
             return m.CONTINUE_RESPONSE_HEADERS
         status = _status(req.response_headers)
-        provider = attempt.provider
-        provider_header, passed_on, latency = _provider_answer(provider.name)
-        # Counts no answer waits for go to the batch after the answers (extproc/settlements.py).
-        settlements.later(0, latency.observe, time.monotonic() - self.started)
+        provider_header, passed_on, latency = _provider_answer(attempt.provider.name)
+        elapsed = time.monotonic() - self.started
         if is_failure(status):
+            # Counts no answer waits for go to the batch after the answers (extproc/settlements.py).
+            settlements.later(0, latency.observe, elapsed)
             self._failed(attempt, status)
             if self.parsed is None:  # bodyless call: nothing to fail over with
                 return m.response_headers_response(provider_header)
             return self._failover()
-        self._succeeded(attempt, status)
+        # The success's breaker and counts wait for after_response_headers: nothing in the
+        # answer depends on them, and the client's first byte waits for the answer.
+        self.answer_status = status
+        self.success = (latency, elapsed)
         if self.parsed is None:
             return m.response_headers_response(provider_header)
         # Only now is the body worth asking for: usage and the cache need a successful answer.
         assert self.ledger is not None
         self.copy = ResponseCopy(self.ledger.cache.spec.max_entry_bytes)
-        self.answer_status = status
         if attempt.translation is not None:  # the answer goes back in the client's API (translated.py)
             return attempt.translation.response_headers([*provider_header, *self.rate_headers], status)
         if not self.rate_headers:  # the same answer for every request to this provider: shared
@@ -296,6 +305,19 @@ class RequestProcessor:
         metrics.UPSTREAM_LATENCY.labels(provider.name).observe(result.latency)
         return result
 
+    def after_response_headers(self) -> None:
+        """The passed-on success of ``response_headers``, recorded once its answer is handed to
+        gRPC (service.py): the breaker's success, the upstream latency and the answer's count,
+        in the batch before this answer's settle (the queue keeps its order)."""
+        success, attempt = self.success, self.attempt
+        if success is None or attempt is None:
+            return
+        self.success = None
+        latency, elapsed = success
+        attempt.provider.breaker.record_success()
+        settlements.later(0, latency.observe, elapsed)
+        settlements.later(0, count_answer, attempt, self.answer_status, self.caller)
+
     def _failed(self, attempt: Attempt, status: int) -> None:
         attempt.provider.breaker.record_failure()
         count_failure(attempt, status)
@@ -303,7 +325,6 @@ class RequestProcessor:
     def _succeeded(self, attempt: Attempt, status: int) -> None:
         attempt.provider.breaker.record_success()
         self.attempt = attempt
-        self.answered = True
         # In the batch, before this answer's settle (the queue keeps its order), which counts its
         # usage on the series count_answer resolves.
         settlements.later(0, count_answer, attempt, status, self.caller)

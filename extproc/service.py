@@ -102,7 +102,18 @@ class ExternalProcessorService(pbg.ExternalProcessorServicer):
                     if req.response_body.end_of_stream or resp.HasField("immediate_response"):
                         return  # see below
                     continue
-                await write(resp)
+                if phase == "response_headers":
+                    try:
+                        await write(resp)
+                    finally:
+                        # The passed-on success's breaker and counts, after the answer that the
+                        # client's first byte waits for (and when Envoy resets right after it).
+                        try:
+                            proc.after_response_headers()
+                        except Exception:
+                            log.exception("response accounting failed")
+                else:
+                    await write(resp)
                 if _ends_exchange(phase, req, resp):
                     # Envoy sends nothing after this answer, so close the stream now instead of
                     # parking a read that Envoy's reset would cancel: grpc.aio leaks the batch

@@ -201,6 +201,54 @@ def test_a_certificate_without_exactly_one_istio_spiffe_id_is_refused(
     run(scenario())
 
 
+class CountingContext:
+    """The real servicer context, counting the reads of its full auth context."""
+
+    def __init__(self, context: Any, counts: list[int]) -> None:
+        self._context = context
+        self._counts = counts
+
+    def auth_context(self) -> Any:
+        self._counts[0] += 1
+        return self._context.auth_context()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def test_each_connection_is_verified_once_and_its_streams_keep_their_own_identity(
+        tmp_path: Path, ca: CertificateAuthority) -> None:
+    """spiffe.ServicerContextIdentity remembers a connection's identity by its peer address and
+    certificate identities: one full read per connection, never another connection's answer,
+    not even for a certificate whose DNS SAN spells a remembered SPIFFE ID."""
+    resolver = spiffe.ServicerContextIdentity()
+    full_reads = [0]
+
+    async def scenario() -> None:
+        served = Served(tmp_path, ca)
+        served.whoami = WhoAmI(lambda context: resolver(CountingContext(context, full_reads)))
+        async with served.running() as s:
+            checkout, reports = ca.workload("shop", "checkout"), ca.workload("billing", "reports")
+            async with channel(s.port, root=ca.cert_pem, client=checkout) as a, \
+                    channel(s.port, root=ca.cert_pem, client=reports) as b:
+                for _ in range(3):  # interleaved streams of two live connections
+                    assert await whoami(a) == spiffe_id("shop", "checkout")
+                    assert await whoami(b) == spiffe_id("billing", "reports")
+                assert full_reads[0] == 2, "one full read per connection"
+                # A new connection, whose only name is a DNS SAN equal to a remembered SPIFFE ID:
+                # verified in full, and refused (a SPIFFE SVID's identity is its URI SAN).
+                impostor = ca.issue(uris=[], hosts=[spiffe_id("shop", "checkout")])
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call(s.port, root=ca.cert_pem, client=impostor)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert full_reads[0] == 3
+                # The first connection still has its own identity.
+                assert await whoami(a) == spiffe_id("shop", "checkout")
+                assert full_reads[0] == 3
+
+    run(scenario())
+
+
 # --- rotation ------------------------------------------------------------------------------------
 
 def test_server_certificate_and_ca_rotate_without_restart(tmp_path: Path, ca: CertificateAuthority) -> None:

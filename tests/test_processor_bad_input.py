@@ -163,6 +163,7 @@ def test_client_chosen_model_names_cannot_grow_metric_series_without_bound(
         assert isinstance(routed, pb.ProcessingResponse) and routed.WhichOneof("response") == "request_body"
         answered = proc.response_headers(ok)
         assert isinstance(answered, pb.ProcessingResponse) and answered.HasField("response_headers")
+        proc.after_response_headers()  # as service.py does once the answer is written: the counts
     text = generate_latest(REGISTRY).decode()
     labelled = [n for n in names if f'model="{n}"' in text]
     assert labelled == names[:3]

@@ -574,6 +574,7 @@ def check_response_phase(case: Case, proc: RequestProcessor, provider: str, tran
         assert removed == ["content-length"], removed
     assert sets == {PROVIDER_HEADER: provider.encode()}, sets
     assert resp.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
+    proc.after_response_headers()
     chunks = fdp.ConsumeIntInRange(0, 3)
     for i in range(chunks + 1):
         piece = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048)) if i < chunks else fdp.ConsumeBytes(4096)
