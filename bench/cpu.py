@@ -106,7 +106,8 @@ class _Context:
     __slots__ = ("_i", "_msgs", "_parse", "_yield", "written")
 
     # What grpc.aio's auth_context() holds for a connection whose client certificate our mTLS
-    # verified (the bench's front Envoy presents bench/default): ours reads it once per stream.
+    # verified (the bench's front Envoy presents bench/default): ours reads it on a connection's first
+    # stream, and peer() with peer_identities() on every stream.
     AUTH_CONTEXT = {"transport_security_type": [b"ssl"], "peer_uri": [b"spiffe://cluster.local/ns/bench/sa/default"]}
 
     def __init__(self, msgs: list[bytes], parse: Callable[[bytes], Any], interleave: bool = False) -> None:
@@ -121,6 +122,9 @@ class _Context:
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:40000"
+
+    def peer_identities(self) -> list[bytes]:
+        return list(self.AUTH_CONTEXT["peer_uri"])  # the verified certificate's SANs, as gRPC lists them
 
     async def read(self) -> Any:
         import grpc

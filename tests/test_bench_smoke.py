@@ -169,3 +169,15 @@ def test_replay_answers_every_stream_of_its_cells_without_processing(tmp_path: P
     assert summary["replay_over_floor_cpu"] > 0 and summary["ours_over_floor_cpu"] > 0
     assert all(summary[cell]["envoy_cpu_us_per_request"] > 0 for cell in cells)
     assert "our processing:" in out.stdout
+
+
+@pytest.mark.parametrize("scenario", ["fallback", "stream"])
+def test_in_process_cpu_bench_drives_the_product_as_grpc_does(scenario: str) -> None:
+    """bench.cpu's fake servicer context must offer what the product reads of grpc.aio's (an
+    identity change once broke it unseen): a short run of each side completes and measures."""
+    cmd = [sys.executable, "-m", "bench.cpu", "--scenario", scenario, "--requests", "40", "--warmup", "10", "--json"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["identity"] == "tls" and result["scenario"] == scenario
+    assert result["per_request"]["ours"] > 0 and result["per_request"]["floor"] > 0
