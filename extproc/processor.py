@@ -107,9 +107,9 @@ class RequestProcessor:
         self.started = 0.0
         self.copy: ResponseCopy | None = None
         self.answer_status = 200  # the provider's status of the answer the body phase passes on
-        # (upstream latency histogram, seconds): a passed-on success not yet recorded
-        # (after_response_headers).
-        self.success: tuple[Any, float] | None = None
+        # (attempt, upstream latency histogram, seconds): a passed-on success not yet recorded
+        # (after_response_headers). Its own attempt: reject() lets go of self.attempt.
+        self.success: tuple[Attempt, Any, float] | None = None
         # OpenAI's x-ratelimit-* headers of the tightest budgets, on every answer of a budgeted route.
         self.rate_headers: list[tuple[str, bytes]] = []
 
@@ -261,7 +261,7 @@ class RequestProcessor:
         # The success's breaker and counts wait for after_response_headers: nothing in the
         # answer depends on them, and the client's first byte waits for the answer.
         self.answer_status = status
-        self.success = (latency, elapsed)
+        self.success = (attempt, latency, elapsed)
         if self.parsed is None:
             return m.response_headers_response(provider_header)
         # Only now is the body worth asking for: usage and the cache need a successful answer.
@@ -308,15 +308,15 @@ class RequestProcessor:
     def after_response_headers(self) -> None:
         """The passed-on success of ``response_headers``, recorded once its answer is handed to
         gRPC (service.py): the breaker's success, the upstream latency and the answer's count,
-        in the batch before this answer's settle (the queue keeps its order)."""
-        success, attempt = self.success, self.attempt
-        if success is None or attempt is None:
+        in the batch before this answer's settle (the queue keeps its order). Exactly once:
+        stream_ended calls it too, for a stream that ended before the answer was written."""
+        success = self.success
+        if success is None:
             return
         self.success = None
-        latency, elapsed = success
+        attempt, latency, elapsed = success
         attempt.provider.breaker.record_success()
-        settlements.later(0, latency.observe, elapsed)
-        settlements.later(0, count_answer, attempt, self.answer_status, self.caller)
+        settlements.later(0, _count_passed_on, attempt, self.answer_status, self.caller, latency, elapsed)
 
     def _failed(self, attempt: Attempt, status: int) -> None:
         attempt.provider.breaker.record_failure()
@@ -359,7 +359,9 @@ class RequestProcessor:
         after the usage and [DONE]: Envoy resets the stream before the end of the body reaches
         us) is settled with what was read: its usage is counted and charged, as the provider
         charges it, and a partial answer is never cached. Without this, a client that hung up
-        right after [DONE] was never charged."""
+        right after [DONE] was never charged. A passed-on success whose answer was never
+        written (the stream ended first) is recorded here, before that settle."""
+        self.after_response_headers()
         if self.copy is not None:
             self._settle_copy(whole=False)
 
@@ -415,6 +417,12 @@ def _provider_answer(name: str) -> tuple[m.HeaderList, m.ProcessingResponse, Any
         if len(_provider_answers) < 1024:
             _provider_answers[name] = found
     return found
+
+
+def _count_passed_on(attempt: Attempt, status: int, caller: Caller, latency: Any, elapsed: float) -> None:
+    """A passed-on success's answer count and upstream latency: one queued call for both."""
+    count_answer(attempt, status, caller)
+    latency.observe(elapsed)
 
 
 def _from_cache(hit: CachedResponse, how: str, extra: m.HeaderList = ()) -> m.ProcessingResponse:
