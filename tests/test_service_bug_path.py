@@ -52,7 +52,8 @@ def _answered() -> float:
 
 
 async def _exchange(port: int) -> list[pb.ProcessingResponse]:
-    """Envoy's four messages of one chat completion, each sent once the last one is answered."""
+    """The first three of Envoy's messages for one chat completion, each sent once the one before
+    it is answered; then the client side closes (the stream then ends with no response body)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = pbg.ExternalProcessorStub(channel).Process(timeout=10)
         answers = []
