@@ -361,7 +361,8 @@ class RequestProcessor:
         charges it, and a partial answer is never cached. Without this, a client that hung up
         right after [DONE] was never charged. A passed-on success whose answer was never
         written (the stream ended first) is recorded here, before that settle."""
-        self.after_response_headers()
+        if self.success is not None:
+            self.after_response_headers()
         if self.copy is not None:
             self._settle_copy(whole=False)
 
