@@ -163,8 +163,9 @@ def test_replay_answers_every_stream_of_its_cells_without_processing(tmp_path: P
         for cell in rounds:
             assert cell["requests"] > 0 and cell["non2xx"] == 0 and cell["errors"] == 0, (name, cell)
             assert cell["cpu_us_per_request"] > 0, (name, cell)
-    for cell in cells["replay"]:  # every request of a replay cell was replayed, but the recorded
-        assert cell["replayed"] >= cell["requests"] - 3, cell  # (at most one per connection)
+    for cell in cells["replay"]:  # every request of a replay cell was replayed, but the recorded:
+        # each of the 2 replicas records its own, so at most one per connection and replica
+        assert cell["replayed"] >= cell["requests"] - 2 * 2, cell
     summary = result["summary"]["2"]
     assert summary["replay_over_floor_cpu"] > 0 and summary["ours_over_floor_cpu"] > 0
     assert all(summary[cell]["envoy_cpu_us_per_request"] > 0 for cell in cells)
