@@ -58,7 +58,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from extproc import metrics
+from extproc import metrics, wakeups
 from extproc.shared_state import STATE_DIR_ENV
 
 log = logging.getLogger(__name__)
@@ -571,7 +571,7 @@ class RedisBudgetStore:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(self.USAGE_FLUSH)
+        await wakeups.sleep(self.USAGE_FLUSH)
         self._flush_task = None
         await self._flush()
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 
+from extproc import wakeups
 from extproc.auth import auth_header_dict
 from extproc.runtime import Provider, Runtime
 from extproc.upstream import UpstreamClient
@@ -55,7 +56,7 @@ class HealthChecker:
                 await self.check_once(runtime, provider)
             except Exception:
                 log.exception("health check failed to run")
-            await asyncio.sleep(hc.interval)
+            await wakeups.sleep(hc.interval)
 
     def cancel(self) -> None:
         for task in self._tasks:

@@ -18,6 +18,8 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
+from extproc import wakeups
+
 disable_created_metrics()  # *_created series double the scrape size and no panel uses them
 
 # --- per-request counts, written once per event-loop iteration ----------------------------------
@@ -82,7 +84,7 @@ def _schedule(loop: AbstractEventLoop | None) -> None:
         flush()  # no loop in this thread: nothing would run a callback
         return
     _flush_on = loop
-    _timer = loop.call_later(FLUSH_DELAY, flush)
+    _timer = wakeups.call_later(FLUSH_DELAY, flush, loop)  # no timer on the loop (extproc/wakeups.py)
 
 
 atexit.register(flush)

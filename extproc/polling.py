@@ -12,6 +12,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from extproc import wakeups
+
 
 class Poller:
     """Awaits ``refresh()`` every ``interval`` seconds between ``start()`` and ``stop()``."""
@@ -26,7 +28,7 @@ class Poller:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await wakeups.sleep(self.interval)
             try:
                 await self.refresh()
             except Exception:  # a transient FS error must not stop rotation forever

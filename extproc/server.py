@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
-from extproc import heap, metrics, settlements
+from extproc import heap, metrics, settlements, wakeups
 from extproc.credentials import DEFAULT_SECRETS_DIR, CredentialStore
 from extproc.health import HealthChecker
 from extproc.identity import IdentityFrom, authenticator
@@ -119,7 +119,7 @@ class DataPlane:
 
     async def _watch_config(self) -> None:
         while True:
-            await asyncio.sleep(self.options.reload_interval)
+            await wakeups.sleep(self.options.reload_interval)
             try:
                 await self.reload()
             except Exception:

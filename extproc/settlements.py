@@ -26,11 +26,11 @@ an Always-mode cache's, whose next identical request must find the answer.
 from __future__ import annotations
 
 import logging
-from asyncio import AbstractEventLoop, TimerHandle, _get_running_loop
+from asyncio import AbstractEventLoop, _get_running_loop
 from collections.abc import Callable
 from typing import Any
 
-from extproc import metrics
+from extproc import metrics, wakeups
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MAX_PENDING_BYTES = 8 << 20  # the answers the pending settles hold
 
 _pending: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
 _pending_bytes = 0
-_timer: TimerHandle | None = None
+_timer: wakeups.Wakeup | None = None
 _timer_loop: AbstractEventLoop | None = None
 
 
@@ -59,7 +59,7 @@ def later(size: int, fn: Callable[..., None], *args: Any) -> None:
         if _timer is not None:
             _timer.cancel()  # scheduled on a loop that has stopped since (tests run several)
         _timer_loop = loop
-        _timer = loop.call_later(DELAY, flush)
+        _timer = wakeups.call_later(DELAY, flush, loop)  # no timer on the loop (extproc/wakeups.py)
 
 
 def flush() -> None:

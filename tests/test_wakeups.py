@@ -1,0 +1,186 @@
+"""extproc/wakeups.py: delays waited for off the event loop.
+
+The unit tests hold it to the loop's own semantics (the delay, the order, the loop's thread,
+cancellation, a closed loop). The last test is the reason for the module: a serving data plane
+(the real DataPlane.run, over real gRPC) with its file pollers running and a batch of settles
+and counts pending has no timer on its loop, so the loop waits without a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+from prometheus_client import REGISTRY
+
+from extproc import metrics, settlements, wakeups
+from extproc.identity import IdentityFrom
+from extproc.server import DataPlane, ServerOptions
+
+
+def test_callbacks_run_on_the_loop_thread_after_their_delay_in_deadline_order() -> None:
+    async def main() -> list[tuple[str, float, bool]]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        ran: list[tuple[str, float, bool]] = []
+        done = loop.create_future()
+
+        def record(name: str) -> None:
+            ran.append((name, loop.time() - start, threading.current_thread() is threading.main_thread()))
+            if len(ran) == 3:
+                done.set_result(None)
+
+        wakeups.call_later(0.06, lambda: record("third"))
+        wakeups.call_later(0.02, lambda: record("first"))
+        wakeups.call_later(0.04, lambda: record("second"))
+        await asyncio.wait_for(done, 2)
+        return ran
+
+    ran = asyncio.run(main())
+    assert [name for name, _, _ in ran] == ["first", "second", "third"]
+    for (_, at, on_loop_thread), delay in zip(ran, (0.02, 0.04, 0.06), strict=True):
+        assert at >= delay and on_loop_thread
+
+
+def test_a_cancelled_wakeup_never_runs() -> None:
+    async def main() -> list[str]:
+        ran: list[str] = []
+        wakeups.call_later(0.01, lambda: ran.append("cancelled")).cancel()
+        wakeups.call_later(0.03, lambda: ran.append("kept"))
+        await asyncio.sleep(0.1)
+        return ran
+
+    assert asyncio.run(main()) == ["kept"]
+
+
+def test_sleep_waits_its_delay_and_is_cancellable() -> None:
+    async def main() -> tuple[float, bool]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await wakeups.sleep(0.03)
+        slept = loop.time() - start
+        sleeper = loop.create_task(wakeups.sleep(3600))
+        await asyncio.sleep(0)
+        sleeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        return slept, sleeper.cancelled()
+
+    slept, cancelled = asyncio.run(main())
+    assert slept >= 0.03 and cancelled
+
+
+def test_a_wakeup_for_a_closed_loop_is_dropped_and_the_next_loop_still_gets_its_own() -> None:
+    ran: list[str] = []
+
+    async def leave_one_pending() -> None:
+        wakeups.call_later(0.02, lambda: ran.append("closed loop"))
+
+    asyncio.run(leave_one_pending())  # the loop closes before the delay is up
+    time.sleep(0.05)  # the helper thread meets the closed loop here, and must survive it
+
+    async def next_loop() -> None:
+        done = asyncio.get_running_loop().create_future()
+        wakeups.call_later(0.01, lambda: (ran.append("next loop"), done.set_result(None)))
+        await asyncio.wait_for(done, 2)
+
+    asyncio.run(next_loop())
+    assert ran == ["next loop"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+CONFIG = """\
+apiVersion: holysheep.ai/v1
+kind: HolySheepConfig
+metadata: {name: wakeups, namespace: default}
+spec:
+  providers:
+    - {name: wakeups-only, baseUrl: "https://only.invalid/v1", auth: {type: Bearer, secretName: only, key: api-key}}
+  routes:
+    - {models: [wakeups-model], backends: [{provider: wakeups-only}]}
+  cache: {mode: Fallback}
+"""
+
+
+def _answered() -> float:
+    metrics.flush()
+    labels = {"provider": "wakeups-only", "model": "wakeups-model", "status": "200"}
+    return REGISTRY.get_sample_value("holysheep_requests_total", labels) or 0.0
+
+
+def _headers(pairs: dict[str, str], end_of_stream: bool = False) -> pb.HttpHeaders:
+    return pb.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
+        end_of_stream=end_of_stream)
+
+
+ANSWER = json.dumps({"id": "c1", "object": "chat.completion", "model": "wakeups-model",
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+
+
+async def _one_request(port: int) -> None:
+    """Envoy's four messages of one chat completion answered by the provider."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pbg.ExternalProcessorStub(channel).Process(timeout=10)
+        for req in (
+            pb.ProcessingRequest(request_headers=_headers(
+                {":method": "POST", ":path": "/v1/chat/completions", ":authority": "only.invalid"})),
+            pb.ProcessingRequest(request_body=pb.HttpBody(
+                body=json.dumps({"model": "wakeups-model", "messages": []}).encode(), end_of_stream=True)),
+            pb.ProcessingRequest(response_headers=_headers({":status": "200", "content-type": "application/json"})),
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=ANSWER, end_of_stream=True)),
+        ):
+            await call.write(req)
+            await call.read()
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+
+
+def test_a_serving_data_plane_keeps_no_timer_on_its_loop(tmp_path: Path) -> None:
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "api-key").write_text("sk-wakeups-0001")
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    port = _free_port()
+    plane = DataPlane(ServerOptions(
+        config_path=str(tmp_path / "config.yaml"), secrets_dir=str(tmp_path), grpc_address=f"127.0.0.1:{port}",
+        http_host="127.0.0.1", http_port=_free_port(), identity_from=IdentityFrom.INSECURE,
+        reload_interval=0.05, drain_delay_seconds=0, drain_seconds=1))
+
+    async def main() -> tuple[list[object], int, int, float]:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        running = loop.create_task(plane.run(stop))
+        while not plane.serving:
+            await asyncio.sleep(0.01)
+        before = _answered()
+        await _one_request(port)
+        pending = settlements.pending()  # the answer's settle and counts wait for their batch
+        await asyncio.sleep(0)
+        # The config watcher (every 50 ms here), the Secret and TLS pollers and that batch are
+        # all waiting now, and not one of them on the loop's own timer heap.
+        timers = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        await asyncio.sleep(settlements.DELAY * 3)
+        left = settlements.pending()  # the helper thread's wake-up ran the batch, on the loop
+        counted = _answered() - before
+        stop.set()
+        await running
+        return timers, pending, left, counted
+
+    timers, pending, left, counted = asyncio.run(main())
+    assert pending > 0, "the request's settle was batched, so a delay was pending"
+    assert timers == []
+    assert left == 0 and counted == 1
