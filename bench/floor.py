@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -50,6 +52,34 @@ _BY_PHASE = {
 # naive loop.
 EARLY = os.environ.get("BENCH_FLOOR_EARLY", "1") == "1"
 
+# Experiments on the floor itself (bench/results/writes-20261204b.txt): BENCH_FLOOR_BUSY adds work
+# before every answer, "spin:US" (a busy loop), "touch:N" (read N of 200k live dicts),
+# "alloc:N" (build and drop N small dicts), or keeps one timer pending on the event loop,
+# "timer:MS" (rescheduled every MS ms); BENCH_FLOOR_NOGC=1 switches the collector off.
+BUSY, _, _AMOUNT = os.environ.get("BENCH_FLOOR_BUSY", "").partition(":")
+BUSY_AMOUNT = int(_AMOUNT or 0)
+_LIVE: list[dict[str, Any]] = [{"k": i, "v": [i]} for i in range(200_000)] if BUSY == "touch" else []
+_next_live = 0
+if os.environ.get("BENCH_FLOOR_NOGC") == "1":
+    gc.disable()
+
+
+def _busy() -> None:
+    global _next_live
+    if BUSY == "spin":
+        end = time.perf_counter() + BUSY_AMOUNT / 1e6
+        while time.perf_counter() < end:
+            pass
+    elif BUSY == "touch":
+        start = _next_live
+        total = 0
+        for d in _LIVE[start:start + BUSY_AMOUNT]:
+            total += d["v"][0]
+        _next_live = (start + 7919 * BUSY_AMOUNT) % (len(_LIVE) - BUSY_AMOUNT)
+    elif BUSY == "alloc":
+        junk = [{"a": i, "b": (i, i)} for i in range(BUSY_AMOUNT)]
+        del junk
+
 
 class Floor(pbg.ExternalProcessorServicer):
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -58,6 +88,8 @@ class Floor(pbg.ExternalProcessorServicer):
             if req is grpc.aio.EOF:
                 return
             phase = req.WhichOneof("request")
+            if BUSY in ("spin", "touch", "alloc"):
+                _busy()
             await context.write(_BY_PHASE[phase])
             if EARLY and phase == "response_body" and req.response_body.end_of_stream:
                 return
@@ -104,6 +136,11 @@ async def serve(address: str, tls: tuple[str, str, str] | None = None) -> None:
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if BUSY == "timer":
+        def tick() -> None:
+            loop.call_later(BUSY_AMOUNT / 1000, tick)
+
+        tick()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
