@@ -29,7 +29,7 @@ disable_created_metrics()  # *_created series double the scrape size and no pane
 # and packs into an mmap, behind labels()'s tuple building and validation: ~3 us a write, a sixth
 # of the processor's own CPU. The Batched* metrics below keep their children memoised and add
 # to plain Python dicts instead; ``flush`` writes the sums (one write per series however many
-# requests touched it). It runs from a timer FLUSH_DELAY after the first pending count, so one
+# requests touched it). It runs FLUSH_DELAY after the first pending count (extproc/wakeups.py), so one
 # write serves every request of that interval and a count is never more than FLUSH_DELAY late,
 # nor lost: before every render of /metrics this process's own counts are flushed (so with one
 # worker, the production layout, a scrape is exact), and on drain and at exit. Only another

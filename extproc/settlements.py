@@ -9,7 +9,8 @@ back, every settle after the first of a batch finds them warm.
 
 What runs here is what no answer waits for. A settle is queued when its answer's last ack has
 been handed to gRPC and runs exactly once:
-- at most DELAY after the first pending one, from the event loop (a timer);
+- at most DELAY after the first pending one, on the event loop (a delay of extproc/wakeups.py,
+  not a timer of the loop's own);
 - at once when MAX_PENDING settles or MAX_PENDING_BYTES of answers are pending;
 - before anything reads what a settle writes: a lookup in a cache that batches
   (``Ledger.lookup``; not an Always-mode one, whose settles run at once), a render of /metrics

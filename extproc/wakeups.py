@@ -20,11 +20,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 __all__ = ["Wakeup", "call_later", "sleep"]
+
+log = logging.getLogger(__name__)
 
 
 class Wakeup:
@@ -84,9 +88,21 @@ class _Clock:
                     wakeup.loop.call_soon_threadsafe(wakeup._fire)
                 except RuntimeError:
                     pass  # its loop is closed: nothing would run the callback
+                except Exception:  # pragma: no cover - must never stop every later delay
+                    log.exception("handing a delay to its event loop failed")
 
 
 _clock = _Clock()
+
+
+def _after_fork_in_child() -> None:
+    # The helper thread does not survive a fork; a child starts its own on first use. (Workers
+    # are separate interpreters, extproc/workers.py; this keeps a forking caller correct too.)
+    global _clock
+    _clock = _Clock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def call_later(delay: float, callback: Callable[[], object],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -94,6 +95,19 @@ def test_a_wakeup_for_a_closed_loop_is_dropped_and_the_next_loop_still_gets_its_
 
     asyncio.run(next_loop())
     assert ran == ["next loop"]
+
+
+def test_a_forked_child_gets_its_own_helper_thread() -> None:
+    asyncio.run(wakeups.sleep(0.01))  # the parent's helper thread is running now
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the clock names a thread that does not exist here
+        try:
+            asyncio.run(asyncio.wait_for(wakeups.sleep(0.01), 2))
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def _free_port() -> int:
