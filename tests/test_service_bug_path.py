@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from prometheus_client import REGISTRY
@@ -24,26 +23,10 @@ from extproc import metrics, processor
 from extproc.identity import IdentityFrom
 from extproc.server import DataPlane, ServerOptions
 from extproc.service import ExternalProcessorService
+from tests.extproc_stream import chat_messages, one_provider_config
 
-CONFIG = """\
-apiVersion: holysheep.ai/v1
-kind: HolySheepConfig
-metadata: {name: bug-path, namespace: default}
-spec:
-  circuitBreaker: {enabled: true, failureThreshold: 2, resetTimeout: 3600s}
-  providers:
-    - {name: bug-path-only, baseUrl: "https://only.invalid/v1", auth: {type: Bearer, secretName: only, key: api-key}}
-  routes:
-    - {models: [bug-path-model], backends: [{provider: bug-path-only}]}
-  cache: {mode: Fallback}
-"""
+CONFIG = one_provider_config("bug-path", breaker="{enabled: true, failureThreshold: 2, resetTimeout: 3600s}")
 LABELS = {"provider": "bug-path-only", "model": "bug-path-model", "status": "200"}
-
-
-def _headers(pairs: dict[str, str], end_of_stream: bool = False) -> pb.HttpHeaders:
-    return pb.HttpHeaders(headers=base_pb2.HeaderMap(
-        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
-        end_of_stream=end_of_stream)
 
 
 def _answered() -> float:
@@ -57,13 +40,7 @@ async def _exchange(port: int) -> list[pb.ProcessingResponse]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = pbg.ExternalProcessorStub(channel).Process(timeout=10)
         answers = []
-        for req in (
-            pb.ProcessingRequest(request_headers=_headers(
-                {":method": "POST", ":path": "/v1/chat/completions", ":authority": "only.invalid"})),
-            pb.ProcessingRequest(request_body=pb.HttpBody(
-                body=json.dumps({"model": "bug-path-model", "messages": []}).encode(), end_of_stream=True)),
-            pb.ProcessingRequest(response_headers=_headers({":status": "200", "content-type": "application/json"})),
-        ):
+        for req in chat_messages("bug-path-model"):
             await call.write(req)
             answers.append(await call.read())
         await call.done_writing()

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from prometheus_client import REGISTRY
 
 from extproc import metrics, settlements, wakeups
 from extproc.identity import IdentityFrom
 from extproc.server import DataPlane, ServerOptions
+from tests.extproc_stream import chat_messages, one_provider_config
 
 
 def test_callbacks_run_on_the_loop_thread_after_their_delay_in_deadline_order() -> None:
@@ -116,29 +115,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-CONFIG = """\
-apiVersion: holysheep.ai/v1
-kind: HolySheepConfig
-metadata: {name: wakeups, namespace: default}
-spec:
-  providers:
-    - {name: wakeups-only, baseUrl: "https://only.invalid/v1", auth: {type: Bearer, secretName: only, key: api-key}}
-  routes:
-    - {models: [wakeups-model], backends: [{provider: wakeups-only}]}
-  cache: {mode: Fallback}
-"""
+CONFIG = one_provider_config("wakeups")
 
 
 def _answered() -> float:
     metrics.flush()
     labels = {"provider": "wakeups-only", "model": "wakeups-model", "status": "200"}
     return REGISTRY.get_sample_value("holysheep_requests_total", labels) or 0.0
-
-
-def _headers(pairs: dict[str, str], end_of_stream: bool = False) -> pb.HttpHeaders:
-    return pb.HttpHeaders(headers=base_pb2.HeaderMap(
-        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
-        end_of_stream=end_of_stream)
 
 
 ANSWER = json.dumps({"id": "c1", "object": "chat.completion", "model": "wakeups-model",
@@ -150,14 +133,7 @@ async def _one_request(port: int) -> None:
     """Envoy's four messages of one chat completion answered by the provider."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = pbg.ExternalProcessorStub(channel).Process(timeout=10)
-        for req in (
-            pb.ProcessingRequest(request_headers=_headers(
-                {":method": "POST", ":path": "/v1/chat/completions", ":authority": "only.invalid"})),
-            pb.ProcessingRequest(request_body=pb.HttpBody(
-                body=json.dumps({"model": "wakeups-model", "messages": []}).encode(), end_of_stream=True)),
-            pb.ProcessingRequest(response_headers=_headers({":status": "200", "content-type": "application/json"})),
-            pb.ProcessingRequest(response_body=pb.HttpBody(body=ANSWER, end_of_stream=True)),
-        ):
+        for req in chat_messages("wakeups-model", ANSWER):
             await call.write(req)
             await call.read()
         await call.done_writing()
