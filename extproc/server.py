@@ -151,7 +151,10 @@ class DataPlane:
         await health_servicer.set("", status)
         await health_servicer.set(EXT_PROC_SERVICE, status)
         await grpc_server.start()
-        runner = web.AppRunner(self._admin_app(), access_log=None)
+        # keepalive_timeout=0: an idle admin connection (a scraper's keep-alive) is closed after
+        # its answer. aiohttp's keep-alive is a timer on the loop, and a pending timer slows every
+        # gRPC write (extproc/wakeups.py); a scrape opens a new connection instead.
+        runner = web.AppRunner(self._admin_app(), access_log=None, keepalive_timeout=0)
         await runner.setup()
         site = web.TCPSite(runner, self.options.http_host, self.options.http_port, reuse_port=True)
         await site.start()

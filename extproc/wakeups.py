@@ -12,7 +12,12 @@ it has nothing to do, and a due delay costs one wake-up through the loop's self-
 
 Semantics are the loop's own: a callback runs on its loop's thread, never before its delay
 (``time.monotonic``, the loop's clock), in deadline order, and not at all once cancelled or once
-its loop is closed. A wake-up for a loop that has stopped is dropped.
+its loop is closed. One for a loop that is stopped but not closed waits in that loop's queue and
+runs when the loop runs again, as ``call_soon_threadsafe`` has it. Any delay is accepted (a
+config's health-check interval has no upper bound): the thread never waits longer than
+MAX_WAIT at a time. After a fork the child starts a helper thread of its own; delays pending in
+the parent at the fork are not the child's (asyncio does not carry a running loop across a fork
+either).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ __all__ = ["Wakeup", "call_later", "sleep"]
 
 log = logging.getLogger(__name__)
 
+# The longest single wait of the helper thread (threading refuses waits past TIMEOUT_MAX, which
+# would end the thread and with it every later delay); a longer delay is waited for in steps.
+MAX_WAIT = 3600.0
+
 
 class Wakeup:
     """A pending ``call_later``; ``cancel()`` from the loop's thread before it runs skips it."""
@@ -44,6 +53,7 @@ class Wakeup:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self._callback = _nothing  # what it holds goes now, not at its deadline
 
     def _fire(self) -> None:  # on the loop's thread
         if not self.cancelled:
@@ -63,33 +73,43 @@ class _Clock:
     def add(self, wakeup: Wakeup) -> None:
         with self._cond:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="holysheep-wakeups", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="holysheep-wakeups", daemon=True)
+                thread.start()  # when no thread can start, the caller hears of it and the next call retries
+                self._thread = thread
             earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (wakeup.deadline, next(self._seq), wakeup))
             if earliest is None or wakeup.deadline < earliest:
                 self._cond.notify()  # the thread waits for a later deadline, or for none
 
     def _run(self) -> None:
-        heap = self._heap
         with self._cond:
             while True:
-                while heap and heap[0][2].cancelled:
-                    heapq.heappop(heap)
-                if not heap:
-                    self._cond.wait()
-                    continue
-                wait = heap[0][0] - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                wakeup = heapq.heappop(heap)[2]
                 try:
-                    wakeup.loop.call_soon_threadsafe(wakeup._fire)
-                except RuntimeError:
-                    pass  # its loop is closed: nothing would run the callback
-                except Exception:  # pragma: no cover - must never stop every later delay
+                    self._next()
+                except Exception:  # pragma: no cover - the thread must outlive any one delay
                     log.exception("handing a delay to its event loop failed")
+
+    def _next(self) -> None:
+        """Wait for the earliest delay, or hand it to its loop if it is due (lock held)."""
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        if not heap:
+            self._cond.wait()
+            return
+        wait = heap[0][0] - time.monotonic()
+        if wait > 0:
+            self._cond.wait(min(wait, MAX_WAIT))
+            return
+        wakeup = heapq.heappop(heap)[2]
+        try:
+            wakeup.loop.call_soon_threadsafe(wakeup._fire)
+        except RuntimeError:
+            pass  # its loop is closed: nothing would run the callback
+
+
+def _nothing() -> None:
+    pass
 
 
 _clock = _Clock()

@@ -8,7 +8,9 @@ and counts pending has no timer on its loop, so the loop waits without a timeout
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import logging
 import os
 import socket
 import threading
@@ -50,15 +52,38 @@ def test_callbacks_run_on_the_loop_thread_after_their_delay_in_deadline_order() 
         assert at >= delay and on_loop_thread
 
 
-def test_a_cancelled_wakeup_never_runs() -> None:
+def test_a_cancelled_wakeup_never_runs_even_once_handed_to_the_loop() -> None:
     async def main() -> list[str]:
         ran: list[str] = []
-        wakeups.call_later(0.01, lambda: ran.append("cancelled")).cancel()
-        wakeups.call_later(0.03, lambda: ran.append("kept"))
-        await asyncio.sleep(0.1)
+        kept = asyncio.get_running_loop().create_future()
+        wakeups.call_later(0.01, lambda: ran.append("cancelled early")).cancel()
+        late = wakeups.call_later(0, lambda: ran.append("cancelled late"))
+        time.sleep(0.2)  # the loop is busy: the helper thread has handed that one over by now
+        late.cancel()
+        wakeups.call_later(0.03, lambda: (ran.append("kept"), kept.set_result(None)))
+        await asyncio.wait_for(kept, 5)
         return ran
 
     assert asyncio.run(main()) == ["kept"]
+
+
+def test_a_delay_past_what_threading_can_wait_leaves_the_thread_serving(caplog: pytest.LogCaptureFixture) -> None:
+    """A config's health-check interval has no upper bound; threading refuses waits past
+    TIMEOUT_MAX, which once ended the helper thread and every later delay with it."""
+    caplog.set_level(logging.ERROR, logger="extproc.wakeups")
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        forever = loop.create_task(wakeups.sleep(threading.TIMEOUT_MAX * 10))
+        await asyncio.sleep(0.05)  # the helper thread is waiting for it now
+        await asyncio.wait_for(wakeups.sleep(0.01), 5)  # an earlier one still wakes
+        forever.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forever
+        return wakeups._clock._thread is not None and wakeups._clock._thread.is_alive()
+
+    assert asyncio.run(main())
+    assert caplog.records == [], "the long wait was waited for, not failed over and over"
 
 
 def test_sleep_waits_its_delay_and_is_cancellable() -> None:
@@ -118,6 +143,13 @@ def _free_port() -> int:
 CONFIG = one_provider_config("wakeups")
 
 
+def _scrape(conn: http.client.HTTPConnection) -> int:
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
 def _answered() -> float:
     metrics.flush()
     labels = {"provider": "wakeups-only", "model": "wakeups-model", "status": "200"}
@@ -140,7 +172,9 @@ async def _one_request(port: int) -> None:
         assert await call.read() is grpc.aio.EOF
 
 
-def test_a_serving_data_plane_keeps_no_timer_on_its_loop(tmp_path: Path) -> None:
+def test_a_serving_data_plane_keeps_no_timer_on_its_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Long enough that the batch is surely still pending when the loop is looked at.
+    monkeypatch.setattr(settlements, "DELAY", 2.0)
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "api-key").write_text("sk-wakeups-0001")
     (tmp_path / "config.yaml").write_text(CONFIG)
@@ -150,27 +184,44 @@ def test_a_serving_data_plane_keeps_no_timer_on_its_loop(tmp_path: Path) -> None
         http_host="127.0.0.1", http_port=_free_port(), identity_from=IdentityFrom.INSECURE,
         reload_interval=0.05, drain_delay_seconds=0, drain_seconds=1))
 
-    async def main() -> tuple[list[object], int, int, float]:
+    async def main() -> tuple[list[object], int, int, float, float, int]:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         running = loop.create_task(plane.run(stop))
-        while not plane.serving:
+        deadline = loop.time() + 20
+        while not plane.serving and loop.time() < deadline:
             await asyncio.sleep(0.01)
         before = _answered()
+
+        def timers() -> list[object]:
+            return [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+
         await _one_request(port)
         pending = settlements.pending()  # the answer's settle and counts wait for their batch
-        await asyncio.sleep(0)
         # The config watcher (every 50 ms here), the Secret and TLS pollers and that batch are
         # all waiting now, and not one of them on the loop's own timer heap.
-        timers = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
-        await asyncio.sleep(settlements.DELAY * 3)
-        left = settlements.pending()  # the helper thread's wake-up ran the batch, on the loop
+        found = timers()
+        # A scraper that keeps its connection open, as Prometheus does (from a thread: a client
+        # on this loop would bring timers of its own). Its render runs the batch first.
+        scraper = http.client.HTTPConnection("127.0.0.1", plane.options.http_port, timeout=10)
+        scraped = await asyncio.to_thread(_scrape, scraper)
+        await asyncio.sleep(0.05)
+        found += timers()
+        scraper.close()
+        # The next request's batch is run by its wake-up alone: nothing reads in between.
+        await _one_request(port)
+        started = loop.time()
+        while settlements.pending() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left, waited = settlements.pending(), loop.time() - started
         counted = _answered() - before
         stop.set()
         await running
-        return timers, pending, left, counted
+        return found, pending, left, waited, counted, scraped
 
-    timers, pending, left, counted = asyncio.run(main())
+    found, pending, left, waited, counted, scraped = asyncio.run(main())
+    assert scraped == 200
     assert pending > 0, "the request's settle was batched, so a delay was pending"
-    assert timers == []
-    assert left == 0 and counted == 1
+    assert found == []
+    assert left == 0 and waited >= 1.5, "the wake-up ran the batch, on time and not before"
+    assert counted == 2
