@@ -151,10 +151,7 @@ class DataPlane:
         await health_servicer.set("", status)
         await health_servicer.set(EXT_PROC_SERVICE, status)
         await grpc_server.start()
-        # keepalive_timeout=0: an idle admin connection (a scraper's keep-alive) is closed after
-        # its answer. aiohttp's keep-alive is a timer on the loop, and a pending timer slows every
-        # gRPC write (extproc/wakeups.py); a scrape opens a new connection instead.
-        runner = web.AppRunner(self._admin_app(), access_log=None, keepalive_timeout=0)
+        runner = web.AppRunner(self._admin_app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.options.http_host, self.options.http_port, reuse_port=True)
         await site.start()
@@ -221,6 +218,10 @@ class DataPlane:
 
     def _admin_app(self) -> web.Application:
         app = web.Application()
+        # Every admin answer says "Connection: close": aiohttp keeps an idle connection with a
+        # timer on the loop, and a pending timer slows every gRPC write (extproc/wakeups.py). A
+        # scraper that would keep its connection open (Prometheus) opens a new one per scrape.
+        app.on_response_prepare.append(_close_after_answer)
 
         async def health_handler(_: web.Request) -> web.Response:
             return web.json_response({"status": "alive"})
@@ -243,6 +244,10 @@ class DataPlane:
         app.router.add_get("/ready", ready_handler)
         app.router.add_get("/metrics", metrics_handler)
         return app
+
+
+async def _close_after_answer(_: web.Request, response: web.StreamResponse) -> None:
+    response.force_close()
 
 
 def _log_identity_mode(mode: IdentityFrom) -> None:
