@@ -88,6 +88,7 @@ class _Clock:
                     self._next()
                 except Exception:  # pragma: no cover - the thread must outlive any one delay
                     log.exception("handing a delay to its event loop failed")
+                    self._cond.wait(0.1)  # a failure that repeats must not spin the thread
 
     def _next(self) -> None:
         """Wait for the earliest delay, or hand it to its loop if it is due (lock held)."""
