@@ -27,7 +27,7 @@ an Always-mode cache's, whose next identical request must find the answer.
 from __future__ import annotations
 
 import logging
-from asyncio import AbstractEventLoop, _get_running_loop
+from asyncio import _get_running_loop
 from collections.abc import Callable
 from typing import Any
 
@@ -41,13 +41,12 @@ MAX_PENDING_BYTES = 8 << 20  # the answers the pending settles hold
 
 _pending: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
 _pending_bytes = 0
-_timer: wakeups.Wakeup | None = None
-_timer_loop: AbstractEventLoop | None = None
+_timer: wakeups.Wakeup | None = None  # its .loop is the loop the batch runs on
 
 
 def later(size: int, fn: Callable[..., None], *args: Any) -> None:
     """Run ``fn(*args)`` in the next batch; ``size``: the bytes it keeps alive until then."""
-    global _pending_bytes, _timer, _timer_loop
+    global _pending_bytes, _timer
     loop = _get_running_loop()
     if loop is None:
         _run(fn, args)
@@ -56,19 +55,18 @@ def later(size: int, fn: Callable[..., None], *args: Any) -> None:
     _pending_bytes += size
     if len(_pending) >= MAX_PENDING or _pending_bytes >= MAX_PENDING_BYTES:
         flush()
-    elif _timer is None or _timer_loop is not loop:
+    elif _timer is None or _timer.loop is not loop:
         if _timer is not None:
             _timer.cancel()  # scheduled on a loop that has stopped since (tests run several)
-        _timer_loop = loop
         _timer = wakeups.call_later(DELAY, flush, loop)  # no timer on the loop (extproc/wakeups.py)
 
 
 def flush() -> None:
     """Run every pending settle now, in the order they were queued (idempotent)."""
-    global _pending_bytes, _timer, _timer_loop
+    global _pending_bytes, _timer
     if _timer is not None:
         _timer.cancel()
-        _timer = _timer_loop = None
+        _timer = None
     if not _pending:
         return
     batch = _pending[:]
